@@ -1,0 +1,1 @@
+"""Triton kernels for the per-batch head objectives (installed as ``mcscale.kernels``)."""

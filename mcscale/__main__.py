@@ -1,0 +1,3 @@
+from mcscale.cli import main
+
+raise SystemExit(main())
