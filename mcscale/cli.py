@@ -1,11 +1,26 @@
-"""The `mcscale` command line: one subcommand per stage."""
+"""The `mcscale` command line: one subcommand per stage.
+
+User-caused problems (bad config, missing data, unusable checkpoint) end with one line on stderr and a
+non-zero exit: 2 for configuration errors (found before any work starts), 1 for the others.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mcscale import __version__
+
+
+def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", required=True, help="YAML file, or the name of one in configs/ (e.g. digits_lt)")
+    p.add_argument("--out", required=True, help="run folder to write (created if missing)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--batch-size", type=int, help=f"global batch size ({stage}.batch_size)")
+    p.add_argument("--seed", type=int, help="run seed (seed)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. cluster.tau=0.95")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,17 +29,100 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tailed deep clustering: MiniClustering, MaxiClustering, P2OT, BYOL pre-training.",
     )
     parser.add_argument("--version", action="version", version=f"mcscale {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="BYOL + K-means, self-labelling and MiniClustering on digits-LT")
+    p.add_argument("--out", default="runs/quickstart", help="folder for the runs and summary.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true")
+
+    p = sub.add_parser("pretrain", help="BYOL pre-training of the encoder")
+    _add_run_options(p, "pretrain")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = sub.add_parser("cluster", help="K-means head init, then Mini / Maxi / self-labelling training")
+    _add_run_options(p, "cluster")
+    p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = sub.add_parser("eval", help="re-evaluate the latest checkpoint of a clustering run")
+    p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
+    p.add_argument("--cpu", action="store_true")
     return parser
+
+
+def _config_from_args(args, stage: str):
+    from mcscale.config import load_config
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.batch_size is not None:
+        overrides.append(f"{stage}.batch_size={args.batch_size}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return load_config(args.config, overrides)
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    from mcscale.report import metrics_table
+
+    print(title)
+    print(metrics_table({"kmeans": metrics["kmeans"], "final": metrics["final"]}))
+
+
+def _dispatch(args) -> int:
+    if args.command == "pretrain":
+        from mcscale.pretrain import run_pretrain
+
+        cfg = _config_from_args(args, "pretrain")
+        path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu)
+        print(f"encoder written to {path}")
+    elif args.command == "cluster":
+        from mcscale.cluster import run_cluster
+
+        cfg = _config_from_args(args, "cluster")
+        metrics = run_cluster(cfg, args.encoder, args.out, resume=args.resume, force_cpu=args.cpu)
+        _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
+    elif args.command == "eval":
+        from mcscale.cluster import run_eval
+
+        metrics = run_eval(args.run, force_cpu=args.cpu)
+        _print_metrics(f"re-evaluated {args.run}", metrics)
+    elif args.command == "quickstart":
+        from mcscale.quickstart import run_quickstart
+
+        run_quickstart(args.out, seed=args.seed, force_cpu=args.cpu)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may come before or after options: collect every stray key=value
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    from mcscale.config import ConfigError
+    from mcscale.data.sources import DataError
+    from mcscale.runtime import RunError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"mcscale: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, RunError) as err:
+        print(f"mcscale: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mcscale: interrupted; resume with the same command and --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""The clustering stage: K-means head initialisation, the encoder + K-means baseline, then training
+with a method from ``mcscale.methods`` (mini | maxi | selflabel), evaluation and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mcscale.config import Config, check_against_data
+from mcscale.evaluate import full_metrics, predict, weight_tracking
+from mcscale.kmeans import spherical_kmeans
+from mcscale.methods import build_method
+from mcscale.models import ClusterModel
+from mcscale.pretrain import build_byol, load_encoder
+from mcscale.runtime import JsonlLog, RunError, atomic_write_json, pick_device, prepare_out_dir, progress, seed_everything
+from mcscale.stage import check_compatible, latest_checkpoint, load_views, read_run_config, save_checkpoint, write_config
+
+
+def _identity(cfg: Config, k: int, arch: dict) -> dict:
+    """What a checkpoint must agree on to be resumed or evaluated by this config."""
+    return {"num_clusters": k, "num_aux": cfg.cluster.num_aux, "backbone": arch["backbone"], "method": cfg.cluster.method}
+
+
+def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
+    """Spherical K-means with K and with M clusters on clean-view features; returns the baseline."""
+    features = predict(model, views)["features"]
+    c = cfg.cluster
+    centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend)
+    centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend)
+    model.init_heads(centers_t.to(features.dtype), centers_m.to(features.dtype), c.head_scale)
+    return assign.cpu().numpy()
+
+
+def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int) -> dict:
+    preds = predict(model, views)
+    result = full_metrics(labels, preds["target"].numpy(), class_counts)
+    if cfg.cluster.method != "selflabel":
+        mode = cfg.cluster.method
+        result.update(weight_tracking(preds["target"], preds["aux"], labels, k, cfg.cluster.num_aux, cfg.cluster.delta, mode))
+    return result
+
+
+def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, device, k: int) -> ClusterModel:
+    return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux).to(device)
+
+
+def run_cluster(cfg: Config, encoder_dir: str | Path, out_dir: str | Path, resume: bool = False, force_cpu: bool = False) -> dict:
+    device = pick_device(cfg.device, force_cpu)
+    seed_everything(cfg.seed)
+    subset, class_counts, views = load_views(cfg, device)
+    k = check_against_data(cfg, len(views), subset.num_classes)
+    out = prepare_out_dir(out_dir)
+    labels = subset.labels
+    encoder, arch = load_encoder(encoder_dir, device)
+    model = build_cluster_model(cfg, encoder, arch, device, k)
+    write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
+                            "num_samples": len(views), "class_counts": class_counts})
+    identity = _identity(cfg, k, arch)
+    c = cfg.cluster
+    method = build_method(c, k)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    per_epoch = views.steps_per_epoch(c.batch_size)
+    total = cfg.max_steps or c.epochs * per_epoch
+
+    found = latest_checkpoint(out) if resume else None
+    if found:
+        state, path = found
+        check_compatible(state["identity"], identity, path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
+        print(f"mcscale: resumed clustering from {path.name} at step {step}")
+    else:
+        if resume:
+            print(f"mcscale: no checkpoint in {out}; starting from the K-means initialisation")
+        baseline = _init_heads(model, views, cfg, k)
+        kmeans_metrics = full_metrics(labels, baseline, class_counts)
+        step, skipped = 0, 0
+        atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
+    log = JsonlLog(out / "log.jsonl", truncate_after_step=step)
+    if step == 0:
+        initial = evaluate_model(model, views, labels, class_counts, cfg, k)
+        log.write({"step": 0, "eval": initial})
+
+    def checkpoint():
+        save_checkpoint(out, step, {
+            "step": step, "skipped": skipped, "identity": identity, "architecture": arch, "kmeans": kmeans_metrics,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+        })
+
+    bar = progress(total=total, initial=step, desc=f"cluster[{c.method}]", unit="step")
+    model.train()
+    while step < total:
+        batch = views.two_views(cfg.seed, step, c.batch_size)
+        with torch.no_grad():
+            logits_t2, logits_m2 = model(batch.x2)
+        logits_t1, logits_m1 = model(batch.x1)
+        result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2)
+        if result.loss is not None and not torch.isfinite(result.loss):
+            raise RunError(f"step {step}: non-finite loss; lower cluster.lr (now {c.lr})")
+        if result.loss is None:
+            skipped += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            optimizer.step()
+        step += 1
+        record = {"step": step, "epoch": (step - 1) // per_epoch,
+                  "loss": float(result.loss.detach()) if result.loss is not None else None,
+                  **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if result.weights is not None:
+            record["weights"] = [round(float(w), 4) for w in result.weights]
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss="skip" if result.loss is None else f"{record['loss']:.3f}", skipped=skipped)
+        if c.eval_every and step % c.eval_every == 0 and step < total:
+            log.write({"step": step, "eval": evaluate_model(model, views, labels, class_counts, cfg, k)})
+        if step % c.checkpoint_every == 0 or step == total:
+            checkpoint()
+    bar.close()
+    final = evaluate_model(model, views, labels, class_counts, cfg, k)
+    final["skipped_batches"] = skipped
+    final["steps"] = step
+    log.write({"step": step, "eval": final})
+    log.close()
+    metrics = {"kmeans": kmeans_metrics, "final": final}
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
+    """Re-evaluate the latest checkpoint of a clustering run."""
+    run_dir = Path(run_dir)
+    cfg, extra = read_run_config(run_dir)
+    if extra.get("stage") != "cluster":
+        raise RunError(f"--run {run_dir}: not a clustering run (config.yaml says stage {extra.get('stage')!r})")
+    device = pick_device(cfg.device, force_cpu)
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise RunError(f"--run {run_dir}: no checkpoint to evaluate; the run has not reached its first checkpoint")
+    state, path = found
+    subset, class_counts, views = load_views(cfg, device)
+    k = extra["num_clusters"]
+    arch = state["architecture"]
+    model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
+    check_compatible(state["identity"], _identity(cfg, k, arch), path)
+    model.load_state_dict(state["model"])
+    final = evaluate_model(model, views, subset.labels, class_counts, cfg, k)
+    final["steps"] = state["step"]
+    final["skipped_batches"] = state["skipped"]
+    metrics = {"kmeans": state["kmeans"], "final": final}
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics
+

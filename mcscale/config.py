@@ -1,0 +1,322 @@
+"""Run configuration: typed defaults in one place, YAML files that state only what differs, and
+dotted ``key=value`` overrides from the command line.
+
+Every option of METHOD.md is a key here; its default follows the authors' code, and the paper's
+alternative is the other value of the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(Exception):
+    """A user-caused configuration problem; its message is one line naming the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"
+    root: typing.Optional[str] = None  # dataset folder / file; digits needs none
+    labels_file: typing.Optional[str] = None  # imagelist: the `path label` list; embeddings: labels .npy
+    split: str = "train"
+    imbalance_ratio: typing.Optional[float] = 10.0  # r of METHOD section 1; null keeps every sample
+    n_max: typing.Optional[int] = None  # head-class size; default: the smallest class size
+    load_size: typing.Optional[int] = None  # decode size for image-file sources (default 64)
+    image_size: typing.Optional[int] = None  # size of the views fed to the network; default: as stored
+    num_workers: int = 0  # decoding workers for image-file sources
+
+
+@dataclass
+class AugmentSettings:
+    """BYOL strong augmentation (METHOD section 5) and the feature-space twin for embeddings."""
+
+    crop_scale: typing.List[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: typing.List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    flip_p: float = 0.5
+    jitter: typing.List[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    feature_dropout: float = 0.1
+    feature_noise: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool
+    proj_hidden: int = 4096
+    proj_dim: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 500
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    predictor_lr_mult: float = 10.0
+    warmup_epochs: int = 10
+    ema: float = 0.996  # base EMA momentum of the target network
+    ema_schedule: str = "cosine"  # cosine increase to 1 (BYOL) or constant
+    checkpoint_every: int = 200  # optimiser steps
+
+
+@dataclass
+class ClusterConfig:
+    method: str = "mini"  # mini | maxi | selflabel
+    loss: str = "ce"  # ce | cb | balms | eql (Appendix G variants of L_r)
+    num_clusters: typing.Optional[int] = None  # K; default: the number of classes of the source
+    num_aux: int = 40  # M
+    delta: float = 0.3
+    alpha: float = 0.2  # weight of L_m
+    beta: float = 0.5  # weight of L_s
+    tau: float = 0.99
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 200
+    head_scale: float = 100.0  # head weight = scale * K-means centre
+    weight_view: str = "prediction"  # labels for the counts: prediction view x1 (code) | pseudo view x2 (paper)
+    target_normalize: str = "weight_sum"  # L_r denominator: sum of weights (code) | count (paper)
+    aux_balance: bool = True  # L_m class-balanced (code) | plain mean (paper)
+    similarity_normalize_rows: bool = True  # cosine similarities in L_s (code) | raw products (paper)
+    cb_gamma: float = 0.999
+    weight_estimate: str = "batch"  # batch (paper) | window: counts summed over recent steps (extension)
+    weight_window: int = 10  # steps summed when weight_estimate = window
+    selflabel_balance: bool = True  # self-labelling baseline: class-balanced confident CE
+    kmeans_backend: str = "auto"  # auto | faiss | torch
+    kmeans_iters: int = 50
+    eval_every: int = 100  # optimiser steps between evaluations (0: only at the end)
+    checkpoint_every: int = 200
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: typing.Optional[int] = None  # cap on optimiser steps of the stage being run
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.source": ("digits", "mnist", "cifar10", "cifar20", "cifar100", "stl10", "imagefolder", "imagelist", "embeddings"),
+    "data.split": ("train", "test"),
+    "model.backbone": ("resnet18", "resnet50", "small_cnn", "mlp"),
+    "pretrain.ema_schedule": ("cosine", "constant"),
+    "cluster.method": ("mini", "maxi", "selflabel"),
+    "cluster.loss": ("ce", "cb", "balms", "eql"),
+    "cluster.weight_view": ("prediction", "pseudo"),
+    "cluster.target_normalize": ("weight_sum", "count"),
+    "cluster.weight_estimate": ("batch", "window"),
+    "cluster.kmeans_backend": ("auto", "faiss", "torch"),
+}
+
+
+# ---------------------------------------------------------------- conversion from plain data
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return None if value is None else _coerce(key, value, inner)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- files and overrides
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or the name of a file in the project's configs/ folder."""
+    path = Path(name)
+    for candidate in (path, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {name} not found; pass a YAML path or a name from {CONFIG_DIR}")
+
+
+def read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    """Load a YAML config; a ``base:`` key names a file (relative to this one) to start from."""
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    parent = read_yaml((path.parent / base), _seen + (path.resolve(),)) if (path.parent / base).is_file() else None
+    if parent is None:
+        raise ConfigError(f"{path}: base file {base} not found next to it")
+    return _deep_merge(parent, values)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. cluster.tau=0.95)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = _deep_merge({}, values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    values = read_yaml(resolve_config_path(path)) if path else {}
+    values = apply_overrides(values, overrides or [])
+    return from_dict(values)
+
+
+# ---------------------------------------------------------------- validation
+def _check(cond: bool, message: str):
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values are refused before any work starts."""
+    flat = {}
+    for section in ("data", "model", "pretrain", "cluster"):
+        for key, value in to_dict(getattr(cfg, section)).items():
+            flat[f"{section}.{key}"] = value
+    flat["device"] = cfg.device
+    for key, choices in CHOICES.items():
+        _check(flat[key] in choices, f"{key}: {flat[key]!r} is not one of {', '.join(choices)}")
+    c = cfg.cluster
+    _check(0.0 < c.tau < 1.0, f"cluster.tau: {c.tau} must lie in (0, 1)")
+    _check(0.0 <= c.delta < 1.0, f"cluster.delta: {c.delta} must lie in [0, 1)")
+    _check(c.num_aux >= 2, f"cluster.num_aux: {c.num_aux} must be at least 2")
+    if c.num_clusters is not None:
+        _check(c.num_clusters >= 2, f"cluster.num_clusters: {c.num_clusters} must be at least 2")
+        if c.method == "mini":
+            _check(
+                c.num_aux > c.num_clusters,
+                f"cluster.num_aux: MiniClustering needs M > K, got M={c.num_aux} and K={c.num_clusters};"
+                " raise cluster.num_aux or use cluster.method=maxi",
+            )
+        if c.method == "maxi":
+            _check(
+                c.num_aux < c.num_clusters,
+                f"cluster.num_aux: MaxiClustering needs M < K, got M={c.num_aux} and K={c.num_clusters};"
+                " lower cluster.num_aux or use cluster.method=mini",
+            )
+    for key in ("cluster.batch_size", "pretrain.batch_size", "cluster.epochs", "pretrain.epochs", "cluster.weight_window"):
+        _check(flat[key] >= 1, f"{key}: {flat[key]} must be at least 1")
+    for key in ("cluster.lr", "pretrain.lr", "cluster.head_scale"):
+        _check(flat[key] > 0, f"{key}: {flat[key]} must be positive")
+    _check(0.0 < cfg.pretrain.ema <= 1.0, f"pretrain.ema: {cfg.pretrain.ema} must lie in (0, 1]")
+    _check(0.0 < c.cb_gamma < 1.0, f"cluster.cb_gamma: {c.cb_gamma} must lie in (0, 1)")
+    ratio = cfg.data.imbalance_ratio
+    _check(ratio is None or ratio >= 1.0, f"data.imbalance_ratio: {ratio} must be >= 1 (or null to keep every sample)")
+    a = cfg.augment
+    _check(
+        len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+        f"augment.crop_scale: {a.crop_scale} must be [low, high] with 0 < low <= high <= 1",
+    )
+    _check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1], f"augment.crop_ratio: {a.crop_ratio} must be [low, high]")
+    _check(len(a.jitter) == 4, f"augment.jitter: {a.jitter} must be [brightness, contrast, saturation, hue]")
+    if cfg.max_steps is not None:
+        _check(cfg.max_steps >= 1, f"max_steps: {cfg.max_steps} must be at least 1")
+
+
+def check_against_data(cfg: Config, num_samples: int, num_classes: int) -> int:
+    """Checks that need the dataset; returns K."""
+    k = cfg.cluster.num_clusters or num_classes
+    _check(k >= 2, f"cluster.num_clusters: the data has {num_classes} class(es); set cluster.num_clusters >= 2")
+    _check(
+        k <= num_samples,
+        f"cluster.num_clusters: K={k} is larger than the {num_samples} samples of {cfg.data.source};"
+        " lower cluster.num_clusters or data.imbalance_ratio",
+    )
+    if cfg.cluster.method != "selflabel":
+        _check(cfg.cluster.num_aux <= num_samples, f"cluster.num_aux: M={cfg.cluster.num_aux} exceeds the {num_samples} samples")
+    if cfg.cluster.method == "mini":
+        _check(cfg.cluster.num_aux > k, f"cluster.num_aux: MiniClustering needs M > K, got M={cfg.cluster.num_aux} and K={k}")
+    if cfg.cluster.method == "maxi":
+        _check(cfg.cluster.num_aux < k, f"cluster.num_aux: MaxiClustering needs M < K, got M={cfg.cluster.num_aux} and K={k}")
+    return k

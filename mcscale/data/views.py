@@ -1,0 +1,103 @@
+"""The in-memory ("tensor") loader: the long-tailed subset held as one tensor on the training device,
+with batched augmentations there. Batches are a pure function of (seed, step), so a resumed run sees
+exactly the samples and augmentations the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mcscale.augment import AugmentConfig, Normalizer, clean_view, feature_view, strong_view, to_float
+from mcscale.runtime import step_generator
+
+
+@dataclass
+class ViewBatch:
+    x1: torch.Tensor  # prediction view (strong augmentation)
+    x2: torch.Tensor  # pseudo-label view (an independent strong augmentation)
+    index: torch.Tensor  # dataset indices of the samples (into the long-tailed subset)
+
+
+class InMemoryViews:
+    def __init__(self, source, augment: AugmentConfig, device: torch.device, image_size: int | None = None):
+        self.device = device
+        self.augment = augment
+        self.labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.long)
+        self.is_image = source.kind == "image"
+        if self.is_image:
+            images = torch.from_numpy(np.ascontiguousarray(source.images)).permute(0, 3, 1, 2).contiguous()
+            self.data = images.to(device)  # uint8 N x C x H x W
+            self.image_size = image_size or int(images.shape[-1])
+            self.normalizer = Normalizer.fit(self._clean_unnormalised(torch.arange(len(self))))
+        else:
+            self.data = torch.from_numpy(np.asarray(source.features, dtype=np.float32)).to(device)
+            self.image_size = None
+            self.feature_mean = self.data.mean(0)
+            self.feature_std = self.data.std(0).clamp_min(1e-6)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.data.shape[1])
+
+    # ------------------------------------------------------------ ordering
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self) // batch_size)
+
+    def batch_indices(self, seed: int, step: int, batch_size: int) -> torch.Tensor:
+        """Samples of global step ``step``: epochs are fresh permutations, the last partial batch dropped."""
+        per_epoch = self.steps_per_epoch(batch_size)
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(len(self), generator=step_generator(seed, epoch, stream=0, device=torch.device("cpu")))
+        size = min(batch_size, len(self))
+        return order[position * size : (position + 1) * size]
+
+    # ------------------------------------------------------------ views
+    def _clean_unnormalised(self, index: torch.Tensor) -> torch.Tensor:
+        return clean_view(to_float(self.data[index.to(self.device)]), self.image_size)
+
+    def clean(self, index: torch.Tensor) -> torch.Tensor:
+        if not self.is_image:
+            return (self.data[index.to(self.device)] - self.feature_mean) / self.feature_std
+        return self.normalizer(self._clean_unnormalised(index))
+
+    def strong(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = self.data[index.to(self.device)]
+        if not self.is_image:
+            noisy = feature_view(batch, self.augment, self.feature_std, generator)
+            return (noisy - self.feature_mean) / self.feature_std
+        return self.normalizer(strong_view(to_float(batch), self.augment, self.image_size, generator))
+
+    def two_views(self, seed: int, step: int, batch_size: int) -> ViewBatch:
+        index = self.batch_indices(seed, step, batch_size)
+        g1 = step_generator(seed, step, stream=1, device=self.device)
+        g2 = step_generator(seed, step, stream=2, device=self.device)
+        return ViewBatch(self.strong(index, g1), self.strong(index, g2), index)
+
+    def clean_batches(self, batch_size: int = 1024):
+        """The whole subset in order, clean view, for K-means init and evaluation."""
+        for start in range(0, len(self), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self)))
+            yield index, self.clean(index)
+
+
+def augment_config(settings) -> AugmentConfig:
+    return AugmentConfig(
+        crop_scale=tuple(settings.crop_scale),
+        crop_ratio=tuple(settings.crop_ratio),
+        flip_p=settings.flip_p,
+        jitter=tuple(settings.jitter),
+        jitter_p=settings.jitter_p,
+        grayscale_p=settings.grayscale_p,
+        feature_dropout=settings.feature_dropout,
+        feature_noise=settings.feature_noise,
+    )

@@ -1,0 +1,61 @@
+"""Evaluation on the clean view of the long-tailed training set (METHOD section 5 and 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mcscale import objectives as obj
+from mcscale.metrics import cluster_metrics, head_medium_tail, hungarian_match, per_class_accuracy, spearman
+
+
+@torch.no_grad()
+def predict(model, views) -> dict:
+    """Target / auxiliary head assignments and encoder features of every sample, in dataset order."""
+    was_training = model.training
+    model.eval()
+    pred_t, pred_m, feats = [], [], []
+    for _, x in views.clean_batches():
+        f = model.features(x)
+        pred_t.append(model.head_t(f).argmax(1).cpu())
+        pred_m.append(model.head_m(f).argmax(1).cpu())
+        feats.append(f.cpu())
+    model.train(was_training)
+    return {"target": torch.cat(pred_t), "aux": torch.cat(pred_m), "features": torch.cat(feats)}
+
+
+def full_metrics(y_true, y_pred, class_counts) -> dict:
+    """ACC / CAA / NMI / ARI plus per-class accuracy and head / medium / tail (fractions)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    out = cluster_metrics(y_true, y_pred)
+    mapping = hungarian_match(y_true, y_pred)
+    out["per_class"] = [float(v) for v in per_class_accuracy(y_true, y_pred, mapping)]
+    groups = head_medium_tail(y_true, y_pred, class_counts)
+    out.update({name: float(groups[name]) for name in ("head", "medium", "tail")})
+    out["num_clusters_used"] = int(len(np.unique(y_pred)))
+    return out
+
+
+def weight_tracking(pred_t, pred_aux, y_true, num_clusters: int, num_aux: int, delta: float, mode: str) -> dict:
+    """Do the estimated weights track the true class sizes?
+
+    Counts over the whole set (clean view) give weights per cluster; n_k = M / w_k is the effective
+    number of mini-clusters. Each cluster is paired with the size of the class it is matched to by
+    the Hungarian matching, and the Spearman correlation between n_k and that size is reported
+    (positive when the estimate works, in both modes: a maxi weight grows for tail clusters, so M / w_k
+    shrinks with them).
+    """
+    counts = obj.contingency(pred_t, pred_aux, num_clusters, num_aux)
+    weights = obj.class_weights(counts, delta, mode)
+    y_true = np.asarray(y_true)
+    sizes = np.bincount(y_true)
+    mapping = hungarian_match(y_true, pred_t.numpy())
+    matched = [k for k in range(num_clusters) if k in mapping]
+    effective = obj.effective_counts(weights, num_aux)
+    rho = spearman(effective[matched].numpy(), sizes[[mapping[k] for k in matched]]) if len(matched) > 1 else float("nan")
+    return {
+        "weight_spearman": float(rho),
+        "weights": [float(w) for w in weights],
+        "matched_class_sizes": [int(sizes[mapping[k]]) if k in mapping else 0 for k in range(num_clusters)],
+    }

@@ -1,0 +1,121 @@
+"""BYOL pre-training (METHOD section 5): the target backbone + projector becomes the clustering encoder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from mcscale.config import Config
+from mcscale.models import BYOL, build_backbone, byol_momentum
+from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, pick_device, prepare_out_dir, progress, seed_everything
+from mcscale.stage import latest_checkpoint, load_views, save_checkpoint, write_config, check_compatible
+
+ENCODER_FILE = "encoder.pt"
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_fraction = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_fraction)))
+
+
+def architecture(cfg: Config, views) -> dict:
+    """Everything needed to rebuild the encoder, saved beside its weights."""
+    return {
+        "backbone": cfg.model.backbone,
+        "in_channels": views.in_channels if views.is_image else 0,
+        "input_dim": 0 if views.is_image else views.input_dim,
+        "cifar_stem": cfg.model.cifar_stem,
+        "proj_hidden": cfg.model.proj_hidden,
+        "proj_dim": cfg.model.proj_dim,
+        "image_size": views.image_size or 0,
+    }
+
+
+def build_byol(arch: dict) -> BYOL:
+    backbone, feature_dim = build_backbone(
+        arch["backbone"],
+        in_channels=arch["in_channels"] or 3,
+        cifar_stem=arch["cifar_stem"],
+        input_dim=arch["input_dim"] or None,
+    )
+    return BYOL(backbone, feature_dim, hidden_dim=arch["proj_hidden"], proj_dim=arch["proj_dim"])
+
+
+def load_encoder(encoder_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The encoder saved by `mcscale pretrain` (weights only, never unpickled objects)."""
+    from mcscale.runtime import safe_torch_load
+
+    path = Path(encoder_dir) / ENCODER_FILE if Path(encoder_dir).is_dir() else Path(encoder_dir)
+    if not path.is_file():
+        raise RunError(f"--encoder {encoder_dir}: no {ENCODER_FILE} there; run `mcscale pretrain --out {encoder_dir}` first")
+    saved = safe_torch_load(path)
+    arch = saved["architecture"]
+    encoder = build_byol(arch).encoder()
+    encoder.load_state_dict(saved["encoder"])
+    return encoder.to(device), arch
+
+
+def run_pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False) -> Path:
+    out = prepare_out_dir(out_dir)
+    device = pick_device(cfg.device, force_cpu)
+    seed_everything(cfg.seed)
+    subset, counts, views = load_views(cfg, device)
+    write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
+    arch = architecture(cfg, views)
+    byol = build_byol(arch).to(device)
+    p = cfg.pretrain
+    optimizer = torch.optim.SGD(
+        byol.param_groups(p.lr, p.predictor_lr_mult, p.weight_decay), lr=p.lr, momentum=p.momentum
+    )
+    per_epoch = views.steps_per_epoch(p.batch_size)
+    total = cfg.max_steps or p.epochs * per_epoch
+    warmup = min(p.warmup_epochs * per_epoch, max(1, total // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+
+    step = 0
+    found = latest_checkpoint(out) if resume else None
+    if found:
+        state, path = found
+        check_compatible(state["architecture"], arch, path)
+        byol.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        print(f"mcscale: resumed pre-training from {path.name} at step {step}")
+    log = JsonlLog(out / "log.jsonl", truncate_after_step=step)
+
+    def checkpoint():
+        save_checkpoint(out, step, {
+            "step": step, "architecture": arch, "model": byol.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        })
+
+    bar = progress(total=total, initial=step, desc="BYOL", unit="step")
+    byol.train()
+    while step < total:
+        batch = views.two_views(cfg.seed, step, p.batch_size)
+        loss = byol(batch.x1, batch.x2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        momentum = byol_momentum(step, total, p.ema) if p.ema_schedule == "cosine" else p.ema
+        byol.update_target(momentum)
+        step += 1
+        loss = loss.detach()
+        log.write({"step": step, "epoch": (step - 1) // per_epoch, "loss": float(loss),
+                   "lr": optimizer.param_groups[0]["lr"], "ema": momentum})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if step % p.checkpoint_every == 0 or step == total:
+            checkpoint()
+    bar.close()
+    log.close()
+    encoder = byol.encoder().cpu()
+    atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step})
+    return out / ENCODER_FILE

@@ -1,0 +1,95 @@
+"""What every stage (pretrain, cluster, eval) sets up the same way: run folder, device, data, checkpoints."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mcscale import config as config_mod
+from mcscale.data.sources import long_tail, load_source
+from mcscale.data.views import InMemoryViews, augment_config
+from mcscale.runtime import RunError, atomic_torch_save, atomic_write_bytes, safe_torch_load
+
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+KEEP_CHECKPOINTS = 2
+
+
+def write_config(out: Path, cfg: config_mod.Config, extra: dict | None = None) -> None:
+    values = config_mod.to_dict(cfg)
+    if extra:
+        values["run"] = extra
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(values, sort_keys=False).encode())
+
+
+def read_run_config(run_dir: Path) -> tuple[config_mod.Config, dict]:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{path}: not found; --run must be a folder written by `mcscale cluster` or `pretrain`")
+    values = yaml.safe_load(path.read_text()) or {}
+    extra = values.pop("run", {}) or {}
+    return config_mod.from_dict(values), extra
+
+
+def load_views(cfg: config_mod.Config, device: torch.device):
+    """The long-tailed subset of the configured source, as in-memory views on ``device``."""
+    d = cfg.data
+    source = load_source(
+        d.source, d.root, image_size=d.load_size, split=d.split, labels_file=d.labels_file, num_workers=d.num_workers
+    )
+    if d.imbalance_ratio is None:  # the source already is the subset (e.g. an ImageNet-LT list)
+        subset = source
+        counts = np.bincount(source.labels[source.labels >= 0], minlength=source.num_classes).tolist()
+    else:
+        subset, counts = long_tail(source, d.imbalance_ratio, d.n_max)
+    views = InMemoryViews(subset, augment_config(cfg.augment), device, d.image_size)
+    return subset, counts, views
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_paths(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in Path(run_dir).glob("ckpt-*.pt"):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
+    path = Path(run_dir) / f"ckpt-{step:07d}.pt"
+    atomic_torch_save(path, state)
+    for _, old in checkpoint_paths(run_dir)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads; a truncated newer one is skipped with a notice."""
+    for _, path in reversed(checkpoint_paths(run_dir)):
+        try:
+            return safe_torch_load(path), path
+        except RunError as err:
+            print(f"mcscale: skipping checkpoint {path.name}: {err}")
+    return None
+
+
+def check_compatible(saved: dict, expected: dict, path: Path) -> None:
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            raise RunError(
+                f"{path}: checkpoint has {key}={saved[key]!r} but this run has {key}={value!r};"
+                " use a fresh --out folder or the original config"
+            )
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

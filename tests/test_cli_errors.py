@@ -1,0 +1,148 @@
+"""Every user error of the CLI is one line on stderr and a non-zero exit, before any work starts."""
+
+from pathlib import Path
+
+import pytest
+
+from mcscale.cli import main
+from mcscale.config import CONFIG_DIR, ConfigError, load_config
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("cluster.no_such_key=1", "unknown config key cluster.no_such_key"),
+        ("nonsense=1", "unknown config key nonsense"),
+        ("cluster.tau=high", "cluster.tau: expected float"),
+        ("cluster.num_aux=4.5", "cluster.num_aux: expected int"),
+        ("cluster.aux_balance=3", "cluster.aux_balance: expected true or false"),
+        ("cluster.tau=1.0", "cluster.tau: 1.0 must lie in (0, 1)"),
+        ("cluster.tau=0", "cluster.tau: 0.0 must lie in (0, 1)"),
+        ("cluster.num_aux=10", "MiniClustering needs M > K"),
+        ("cluster.method=banana", "cluster.method: 'banana' is not one of"),
+        ("data.source=imagenet", "data.source: 'imagenet' is not one of"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(capsys, tmp_path, override, needle):
+    extra = ["cluster.num_clusters=10"] if "num_aux=10" in override else []
+    code, err = _run(
+        capsys, "cluster", "--config", "digits_lt", "--encoder", str(tmp_path), "--out", str(tmp_path / "o"), "--cpu",
+        override, *extra,
+    )
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_maxi_needs_fewer_aux_clusters(capsys, tmp_path):
+    code, err = _run(capsys, "cluster", "--config", "digits_lt", "--encoder", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "cluster.method=maxi", "cluster.num_aux=12", "cluster.num_clusters=10")
+    assert code == 2 and "MaxiClustering needs M < K" in err and len(err.splitlines()) == 1
+
+
+def test_k_larger_than_dataset(capsys, tmp_path):
+    # ratio 10 with n_max 2 keeps 2+1+...: far fewer samples than 500 clusters
+    code, err = _run(capsys, "cluster", "--config", "digits_lt", "--encoder", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--cpu", "data.n_max=3", "cluster.num_clusters=500", "cluster.num_aux=600")
+    assert code == 2 and "K=500 is larger than the" in err and len(err.splitlines()) == 1
+
+
+def test_missing_dataset_path(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    code, err = _run(capsys, "pretrain", "--config", "cifar10_r10", "--out", str(tmp_path / "o"), "--cpu",
+                     f"data.root={missing}")
+    assert code == 1 and str(missing) in err and len(err.splitlines()) == 1
+    assert "cifar" in err.lower()
+
+
+def test_missing_root_names_the_setting(capsys, tmp_path):
+    code, err = _run(capsys, "pretrain", "--config", "cifar10_r10", "--out", str(tmp_path / "o"), "--cpu")
+    assert code == 1 and "data.root" in err and len(err.splitlines()) == 1
+
+
+def test_missing_encoder(capsys, tmp_path):
+    code, err = _run(capsys, "cluster", "--config", "digits_lt", "--encoder", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--cpu", "model.proj_hidden=32")
+    assert code == 1 and "mcscale pretrain" in err and len(err.splitlines()) == 1
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = _run(capsys, "pretrain", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "nope.yaml not found" in err
+
+
+def test_invalid_yaml_names_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster:\n  tau: [0.5\n")
+    code, err = _run(capsys, "pretrain", "--config", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and str(bad) in err and "not valid YAML" in err
+
+
+def test_unwritable_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _run(capsys, "pretrain", "--config", "digits_lt", "--out", str(blocker / "sub"), "--cpu")
+    assert code == 1 and "cannot write there" in err
+
+
+def test_eval_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    code, err = _run(capsys, "eval", "--run", str(tmp_path))
+    assert code == 1 and "config.yaml" in err
+
+
+def test_unknown_cli_argument(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--config", "digits_lt", "--out", "x", "--bogus"])
+    assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------- configs
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_every_paper_setting_has_a_config():
+    names = {p.stem for p in CONFIG_FILES}
+    expected = {"cifar10_r5", "cifar10_r10", "cifar10_r100", "cifar20_r5", "cifar20_r10", "stl10_r5", "stl10_r10",
+                "tinyimagenet_r10", "imagenet_lt_maxi", "digits_lt"}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_configs_load_and_validate(path):
+    cfg = load_config(str(path))
+    assert cfg.cluster.method in ("mini", "maxi")
+
+
+def test_paper_values_reach_the_config():
+    cfg = load_config("cifar10_r10")
+    c = cfg.cluster
+    assert (c.num_aux, c.delta, c.alpha, c.beta, c.num_clusters) == (40, 0.3, 0.2, 0.5, 10)
+    assert (cfg.data.source, cfg.data.imbalance_ratio, cfg.data.n_max) == ("cifar10", 10.0, 5000)
+    # defaults follow the authors' code
+    assert (c.lr, c.tau, c.batch_size, c.head_scale, c.weight_view, c.target_normalize) == (
+        1e-5, 0.99, 512, 100.0, "prediction", "weight_sum")
+    tiny = load_config("tinyimagenet_r10")
+    assert (tiny.cluster.method, tiny.cluster.num_aux, tiny.cluster.num_clusters, tiny.cluster.lr) == ("maxi", 100, 200, 1e-6)
+    lt = load_config("imagenet_lt_maxi")
+    assert lt.model.backbone == "resnet50" and lt.data.imbalance_ratio is None
+
+
+def test_overrides_and_base_chain(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("cluster:\n  tau: 0.5\n  num_aux: 30\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ncluster:\n  num_aux: 50\n")
+    cfg = load_config(str(child), ["cluster.delta=0.7", "augment.crop_scale=[0.2, 1.0]"])
+    assert (cfg.cluster.tau, cfg.cluster.num_aux, cfg.cluster.delta) == (0.5, 50, 0.7)
+    assert cfg.augment.crop_scale == [0.2, 1.0]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(str(loop))
+    assert Path(CONFIG_DIR).is_dir()

@@ -1,0 +1,115 @@
+"""pretrain -> cluster -> eval through the CLI on the bundled digits, resume, and the run-folder contract."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mcscale.cli import main
+
+# A tiny network so a few optimiser steps take well under a second on a CPU.
+SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128"]
+PRETRAIN = ["--config", "digits_lt", "--cpu", "--batch-size", "128", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    assert main(["pretrain", *PRETRAIN, "--out", str(out), "--max-steps", "3"]) == 0
+    return out
+
+
+def _cluster(encoder_dir, out, *extra):
+    return main(["cluster", "--config", "digits_lt", "--cpu", "--encoder", str(encoder_dir), "--out", str(out), *SMALL, *extra])
+
+
+def test_pretrain_writes_encoder_and_log(encoder_dir):
+    saved = torch.load(encoder_dir / "encoder.pt", weights_only=True)
+    assert saved["architecture"]["backbone"] == "small_cnn" and saved["steps"] == 3
+    records = [json.loads(line) for line in (encoder_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0.0 <= r["loss"] <= 8.0 for r in records)
+    assert (encoder_dir / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("method,extra", [("mini", []), ("maxi", ["cluster.num_aux=5"]), ("selflabel", [])])
+def test_cluster_run_folder_contract(encoder_dir, tmp_path, method, extra):
+    out = tmp_path / method
+    # tau 0.2 so that some samples are confident after 4 steps with a random-ish encoder
+    assert _cluster(encoder_dir, out, "--max-steps", "4", f"cluster.method={method}", "cluster.tau=0.2", *extra) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for part in ("kmeans", "final"):
+        for key in ("acc", "caa", "nmi", "ari"):
+            assert 0.0 <= metrics[part][key] <= 1.0 or key == "ari"
+    final = metrics["final"]
+    assert len(final["per_class"]) == 10 and all(k in final for k in ("head", "medium", "tail"))
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in steps if "eval" not in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert {"step", "epoch", "loss", "l_r", "l_m", "l_s", "n_confident_t", "n_confident_m", "lr"} <= set(r)
+    evals = [r for r in steps if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    if method != "selflabel":
+        assert "weight_spearman" in evals[-1]["eval"]
+    ckpt = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert ckpt["step"] == 4
+    # the K-means baseline is the argmax of the freshly initialised head: evaluation at step 0 agrees
+    assert evals[0]["eval"]["acc"] == pytest.approx(metrics["kmeans"]["acc"], abs=0.02)
+
+
+def test_resume_continues_exactly(encoder_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["cluster.tau=0.2", "cluster.checkpoint_every=3", "cluster.weight_estimate=window"]
+    assert _cluster(encoder_dir, straight, "--max-steps", "6", *common) == 0
+    assert _cluster(encoder_dir, split, "--max-steps", "3", *common) == 0
+    first = torch.load(split / "ckpt-0000003.pt", weights_only=True)
+    assert _cluster(encoder_dir, split, "--max-steps", "6", "--resume", *common) == 0
+    a = torch.load(straight / "ckpt-0000006.pt", weights_only=True)
+    b = torch.load(split / "ckpt-0000006.pt", weights_only=True)
+    assert b["step"] == 6 and first["step"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for idx, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][idx]["exp_avg"])
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((split / "metrics.json").read_text())
+    assert ma == mb
+    log_b = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b if "eval" not in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_reproduces_final_metrics(encoder_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cluster(encoder_dir, out, "--max-steps", "2", "cluster.tau=0.2") == 0
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", "--run", str(out), "--cpu"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    for key in ("acc", "caa", "nmi", "ari", "per_class"):
+        assert after["final"][key] == before["final"][key]
+    assert "ACC" in capsys.readouterr().out
+
+
+def test_pretrain_resume_matches_straight_run(tmp_path):
+    out = tmp_path / "pre"
+    args = [*PRETRAIN, "pretrain.checkpoint_every=3", "--max-steps", "8", "--out", str(out)]
+    assert main(["pretrain", *args]) == 0
+    straight = torch.load(out / "encoder.pt", weights_only=True)["encoder"]
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-0000006.pt", "ckpt-0000008.pt"]
+    # as if killed after step 6: drop what came later and resume
+    (out / "ckpt-0000008.pt").unlink()
+    (out / "encoder.pt").unlink()
+    assert main(["pretrain", *args, "--resume"]) == 0
+    resumed = torch.load(out / "encoder.pt", weights_only=True)["encoder"]
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_module_entry_point_version():
+    out = subprocess.run([sys.executable, "-m", "mcscale", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("mcscale ")
