@@ -26,8 +26,8 @@ def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
     """Spherical K-means with K and with M clusters on clean-view features; returns the baseline."""
     features = predict(model, views)["features"]
     c = cfg.cluster
-    centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend)
-    centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend)
+    centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+    centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend, c.kmeans_redo)
     model.init_heads(centers_t.to(features.dtype), centers_m.to(features.dtype), c.head_scale)
     return assign.cpu().numpy()
 

@@ -95,6 +95,7 @@ class ClusterConfig:
     selflabel_balance: bool = True  # self-labelling baseline: class-balanced confident CE
     kmeans_backend: str = "auto"  # auto | faiss | torch
     kmeans_iters: int = 50
+    kmeans_redo: int = 3  # K-means runs from different seeds; the best objective is kept
     eval_every: int = 100  # optimiser steps between evaluations (0: only at the end)
     checkpoint_every: int = 200
 
