@@ -14,7 +14,15 @@ from mcscale.methods import build_method
 from mcscale.models import ClusterModel
 from mcscale.pretrain import build_byol, load_encoder
 from mcscale.runtime import JsonlLog, RunError, atomic_write_json, pick_device, prepare_out_dir, progress, seed_everything
-from mcscale.stage import check_compatible, latest_checkpoint, load_views, read_run_config, save_checkpoint, write_config
+from mcscale.stage import (
+    check_compatible,
+    latest_checkpoint,
+    load_views,
+    read_run_config,
+    restore_latest,
+    save_checkpoint,
+    write_config,
+)
 
 
 def _identity(cfg: Config, k: int, arch: dict) -> dict:
@@ -63,18 +71,11 @@ def run_cluster(cfg: Config, encoder_dir: str | Path, out_dir: str | Path, resum
     per_epoch = views.steps_per_epoch(c.batch_size)
     total = cfg.max_steps or c.epochs * per_epoch
 
-    found = latest_checkpoint(out) if resume else None
-    if found:
-        state, path = found
-        check_compatible(state["identity"], identity, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
+    components = {"model": model, "optimizer": optimizer, "method": method}
+    state = restore_latest(out, components, "identity", identity) if resume else None
+    if state:
         step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
-        print(f"mcscale: resumed clustering from {path.name} at step {step}")
     else:
-        if resume:
-            print(f"mcscale: no checkpoint in {out}; starting from the K-means initialisation")
         baseline = _init_heads(model, views, cfg, k)
         kmeans_metrics = full_metrics(labels, baseline, class_counts)
         step, skipped = 0, 0

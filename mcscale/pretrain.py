@@ -10,7 +10,7 @@ import torch
 from mcscale.config import Config
 from mcscale.models import BYOL, build_backbone, byol_momentum
 from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, pick_device, prepare_out_dir, progress, seed_everything
-from mcscale.stage import latest_checkpoint, load_views, save_checkpoint, write_config, check_compatible
+from mcscale.stage import load_views, restore_latest, save_checkpoint, write_config
 
 ENCODER_FILE = "encoder.pt"
 
@@ -77,16 +77,9 @@ def run_pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, force_c
     warmup = min(p.warmup_epochs * per_epoch, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
 
-    step = 0
-    found = latest_checkpoint(out) if resume else None
-    if found:
-        state, path = found
-        check_compatible(state["architecture"], arch, path)
-        byol.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        print(f"mcscale: resumed pre-training from {path.name} at step {step}")
+    components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
+    state = restore_latest(out, components, "architecture", arch) if resume else None
+    step = state["step"] if state else 0
     log = JsonlLog(out / "log.jsonl", truncate_after_step=step)
 
     def checkpoint():

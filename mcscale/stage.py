@@ -78,6 +78,23 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
     return None
 
 
+def restore_latest(run_dir: Path, components: dict, identity_key: str, identity: dict) -> dict | None:
+    """Load the newest good checkpoint into ``components`` (name -> object with load_state_dict).
+
+    Returns the checkpoint (for its step and other plain values), or None when there is none.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        print(f"mcscale: no checkpoint in {run_dir}; starting from the beginning")
+        return None
+    state, path = found
+    check_compatible(state[identity_key], identity, path)
+    for name, component in components.items():
+        component.load_state_dict(state[name])
+    print(f"mcscale: resumed from {path.name} at step {state['step']}")
+    return state
+
+
 def check_compatible(saved: dict, expected: dict, path: Path) -> None:
     for key, value in expected.items():
         if key in saved and saved[key] != value:
