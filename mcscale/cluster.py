@@ -21,6 +21,7 @@ from mcscale.stage import (
     read_run_config,
     restore_latest,
     save_checkpoint,
+    start_fresh,
     write_config,
 )
 
@@ -53,12 +54,21 @@ def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, devic
     return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux).to(device)
 
 
-def run_cluster(cfg: Config, encoder_dir: str | Path, out_dir: str | Path, resume: bool = False, force_cpu: bool = False) -> dict:
+def run_cluster(
+    cfg: Config,
+    encoder_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    force_cpu: bool = False,
+    overwrite: bool = False,
+) -> dict:
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
     subset, class_counts, views = load_views(cfg, device)
     k = check_against_data(cfg, len(views), subset.num_classes)
     out = prepare_out_dir(out_dir)
+    if not resume:
+        start_fresh(out, overwrite)
     labels = subset.labels
     encoder, arch = load_encoder(encoder_dir, device)
     model = build_cluster_model(cfg, encoder, arch, device, k)

@@ -10,7 +10,7 @@ import torch
 from mcscale.config import Config
 from mcscale.models import BYOL, build_backbone, byol_momentum
 from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, pick_device, prepare_out_dir, progress, seed_everything
-from mcscale.stage import load_views, restore_latest, save_checkpoint, write_config
+from mcscale.stage import load_views, restore_latest, save_checkpoint, start_fresh, write_config
 
 ENCODER_FILE = "encoder.pt"
 
@@ -60,8 +60,12 @@ def load_encoder(encoder_dir: Path, device: torch.device) -> tuple[torch.nn.Modu
     return encoder.to(device), arch
 
 
-def run_pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False) -> Path:
+def run_pretrain(
+    cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False, overwrite: bool = False
+) -> Path:
     out = prepare_out_dir(out_dir)
+    if not resume:
+        start_fresh(out, overwrite)
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
     subset, counts, views = load_views(cfg, device)

@@ -1,6 +1,7 @@
 """`mcscale quickstart`: the whole method on the bundled long-tailed digits, in a few CPU minutes.
 
 BYOL pre-training, then from the same encoder: encoder + K-means, self-labelling and MiniClustering.
+The quickstart owns its sub-folders: running it again into the same --out replaces their runs.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, force_cpu: bool = False) 
     base = [f"seed={seed}"]
     cfg = load_config(CONFIG, base)
     print(f"[1/3] BYOL pre-training on digits-LT (ratio {cfg.data.imbalance_ratio:g}) -> {out / 'pretrain'}")
-    run_pretrain(cfg, out / "pretrain", force_cpu=force_cpu)
+    run_pretrain(cfg, out / "pretrain", force_cpu=force_cpu, overwrite=True)
     results = {}
     for position, (name, method) in enumerate((("selflabel", "selflabel"), ("miniclustering", "mini")), start=2):
         print(f"[{position}/3] {name} from the same encoder -> {out / name}")
         run_cfg = load_config(CONFIG, base + [f"cluster.method={method}"])
-        metrics = run_cluster(run_cfg, out / "pretrain", out / name, force_cpu=force_cpu)
+        metrics = run_cluster(run_cfg, out / "pretrain", out / name, force_cpu=force_cpu, overwrite=True)
         results.setdefault("kmeans", _summary(metrics["kmeans"]))
         results[name] = _summary(metrics["final"])
     summary = {

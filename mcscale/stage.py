@@ -78,6 +78,23 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
     return None
 
 
+RUN_FILES = ("log.jsonl", "metrics.json", "encoder.pt")
+
+
+def start_fresh(run_dir: Path, overwrite: bool = False) -> None:
+    """A new run must not mix with an old one: refuse a folder with checkpoints unless told to overwrite."""
+    old = checkpoint_paths(run_dir)
+    if old and not overwrite:
+        raise RunError(
+            f"--out {run_dir}: holds checkpoints of an earlier run ({old[-1][1].name});"
+            " add --resume to continue it or pick a new --out"
+        )
+    for _, path in old:
+        path.unlink()
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 def restore_latest(run_dir: Path, components: dict, identity_key: str, identity: dict) -> dict | None:
     """Load the newest good checkpoint into ``components`` (name -> object with load_state_dict).
 

@@ -146,3 +146,14 @@ def test_overrides_and_base_chain(tmp_path):
     with pytest.raises(ConfigError, match="loops"):
         load_config(str(loop))
     assert Path(CONFIG_DIR).is_dir()
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(capsys, tmp_path):
+    out = tmp_path / "pre"
+    args = ["pretrain", "--config", "digits_lt", "--cpu", "--out", str(out), "--max-steps", "2",
+            "model.proj_hidden=16", "model.proj_dim=8", "pretrain.checkpoint_every=1"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = _run(capsys, *args, "--seed", "5")
+    assert code == 1 and "--resume" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of the old run touched
