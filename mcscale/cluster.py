@@ -28,7 +28,9 @@ from mcscale.stage import (
 
 def _identity(cfg: Config, k: int, arch: dict) -> dict:
     """What a checkpoint must agree on to be resumed or evaluated by this config."""
-    return {"num_clusters": k, "num_aux": cfg.cluster.num_aux, "backbone": arch["backbone"], "method": cfg.cluster.method}
+    cosine = cfg.cluster.method == "p2ot" and cfg.p2ot.cosine_head
+    return {"num_clusters": k, "num_aux": cfg.cluster.num_aux, "backbone": arch["backbone"],
+            "method": cfg.cluster.method, "cosine_head": cosine}
 
 
 def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
@@ -44,14 +46,16 @@ def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
 def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int) -> dict:
     preds = predict(model, views)
     result = full_metrics(labels, preds["target"].numpy(), class_counts)
-    if cfg.cluster.method != "selflabel":
-        mode = cfg.cluster.method
-        result.update(weight_tracking(preds["target"], preds["aux"], labels, k, cfg.cluster.num_aux, cfg.cluster.delta, mode))
+    c = cfg.cluster
+    if c.method in ("mini", "maxi") or (c.method == "p2ot" and cfg.p2ot.mini_weights):
+        mode = "maxi" if c.method == "maxi" else "mini"
+        result.update(weight_tracking(preds["target"], preds["aux"], labels, k, c.num_aux, c.delta, mode))
     return result
 
 
 def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, device, k: int) -> ClusterModel:
-    return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux).to(device)
+    cosine = cfg.p2ot.cosine_scale if cfg.cluster.method == "p2ot" and cfg.p2ot.cosine_head else None
+    return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux, cosine_scale=cosine).to(device)
 
 
 def run_cluster(
@@ -76,10 +80,10 @@ def run_cluster(
                             "num_samples": len(views), "class_counts": class_counts})
     identity = _identity(cfg, k, arch)
     c = cfg.cluster
-    method = build_method(c, k)
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     per_epoch = views.steps_per_epoch(c.batch_size)
     total = cfg.max_steps or c.epochs * per_epoch
+    method = build_method(cfg, k, total)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     components = {"model": model, "optimizer": optimizer, "method": method}
     state = restore_latest(out, components, "identity", identity) if resume else None
@@ -105,10 +109,10 @@ def run_cluster(
     model.train()
     while step < total:
         batch = views.two_views(cfg.seed, step, c.batch_size)
-        with torch.no_grad():
+        with torch.set_grad_enabled(method.trains_both_views):
             logits_t2, logits_m2 = model(batch.x2)
         logits_t1, logits_m1 = model(batch.x1)
-        result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2)
+        result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
         if result.loss is not None and not torch.isfinite(result.loss):
             raise RunError(f"step {step}: non-finite loss; lower cluster.lr (now {c.lr})")
         if result.loss is None:

@@ -72,7 +72,7 @@ class PretrainConfig:
 
 @dataclass
 class ClusterConfig:
-    method: str = "mini"  # mini | maxi | selflabel
+    method: str = "mini"  # mini | maxi | selflabel | p2ot
     loss: str = "ce"  # ce | cb | balms | eql (Appendix G variants of L_r)
     num_clusters: typing.Optional[int] = None  # K; default: the number of classes of the source
     num_aux: int = 40  # M
@@ -101,6 +101,23 @@ class ClusterConfig:
 
 
 @dataclass
+class P2OTConfig:
+    """P2OT pseudo-labels (METHOD section 7); used when cluster.method = p2ot."""
+
+    eps: float = 0.1  # entropic regularisation
+    lam: float = 1.0  # weight of the KL relaxation of the cluster marginal
+    rho0: float = 0.1  # starting mass of the progressive schedule
+    variant: str = "partial"  # partial (P2OT) | uot (rho = 1, KL-relaxed) | pot (hard uniform marginal)
+    rho_schedule: str = "progressive"  # progressive rho(t) | fixed (rho = rho0 throughout)
+    buffer_batches: int = 10  # FIFO of recent logits, in batches
+    max_iter: int = 1000
+    tol: float = 1e-6
+    cosine_head: bool = False  # L2-normalised features and weights, scale cosine_scale
+    cosine_scale: float = 10.0
+    mini_weights: bool = False  # re-weight P2OT targets by the mini-cluster weights (our combination)
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -110,6 +127,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    p2ot: P2OTConfig = field(default_factory=P2OTConfig)
 
 
 CHOICES = {
@@ -118,7 +136,9 @@ CHOICES = {
     "data.split": ("train", "test"),
     "model.backbone": ("resnet18", "resnet50", "small_cnn", "mlp"),
     "pretrain.ema_schedule": ("cosine", "constant"),
-    "cluster.method": ("mini", "maxi", "selflabel"),
+    "cluster.method": ("mini", "maxi", "selflabel", "p2ot"),
+    "p2ot.variant": ("partial", "uot", "pot"),
+    "p2ot.rho_schedule": ("progressive", "fixed"),
     "cluster.loss": ("ce", "cb", "balms", "eql"),
     "cluster.weight_view": ("prediction", "pseudo"),
     "cluster.target_normalize": ("weight_sum", "count"),
@@ -262,7 +282,7 @@ def _check(cond: bool, message: str):
 def validate(cfg: Config) -> None:
     """Impossible values are refused before any work starts."""
     flat = {}
-    for section in ("data", "model", "pretrain", "cluster"):
+    for section in ("data", "model", "pretrain", "cluster", "p2ot"):
         for key, value in to_dict(getattr(cfg, section)).items():
             flat[f"{section}.{key}"] = value
     flat["device"] = cfg.device
@@ -301,6 +321,13 @@ def validate(cfg: Config) -> None:
     )
     _check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1], f"augment.crop_ratio: {a.crop_ratio} must be [low, high]")
     _check(len(a.jitter) == 4, f"augment.jitter: {a.jitter} must be [brightness, contrast, saturation, hue]")
+    p = cfg.p2ot
+    _check(p.eps > 0, f"p2ot.eps: {p.eps} must be positive")
+    _check(p.lam > 0, f"p2ot.lam: {p.lam} must be positive")
+    _check(0.0 < p.rho0 <= 1.0, f"p2ot.rho0: {p.rho0} must lie in (0, 1]")
+    _check(p.buffer_batches >= 1, f"p2ot.buffer_batches: {p.buffer_batches} must be at least 1")
+    if c.method == "p2ot" and p.mini_weights and c.num_clusters is not None:
+        _check(c.num_aux > c.num_clusters, f"cluster.num_aux: p2ot.mini_weights needs M > K, got M={c.num_aux} and K={c.num_clusters}")
     if cfg.max_steps is not None:
         _check(cfg.max_steps >= 1, f"max_steps: {cfg.max_steps} must be at least 1")
 
@@ -316,7 +343,7 @@ def check_against_data(cfg: Config, num_samples: int, num_classes: int) -> int:
     )
     if cfg.cluster.method != "selflabel":
         _check(cfg.cluster.num_aux <= num_samples, f"cluster.num_aux: M={cfg.cluster.num_aux} exceeds the {num_samples} samples")
-    if cfg.cluster.method == "mini":
+    if cfg.cluster.method == "mini" or (cfg.cluster.method == "p2ot" and cfg.p2ot.mini_weights):
         _check(cfg.cluster.num_aux > k, f"cluster.num_aux: MiniClustering needs M > K, got M={cfg.cluster.num_aux} and K={k}")
     if cfg.cluster.method == "maxi":
         _check(cfg.cluster.num_aux < k, f"cluster.num_aux: MaxiClustering needs M < K, got M={cfg.cluster.num_aux} and K={k}")

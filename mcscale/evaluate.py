@@ -17,8 +17,9 @@ def predict(model, views) -> dict:
     pred_t, pred_m, feats = [], [], []
     for _, x in views.clean_batches():
         f = model.features(x)
-        pred_t.append(model.head_t(f).argmax(1).cpu())
-        pred_m.append(model.head_m(f).argmax(1).cpu())
+        logits_t, logits_m = model.heads(f)
+        pred_t.append(logits_t.argmax(1).cpu())
+        pred_m.append(logits_m.argmax(1).cpu())
         feats.append(f.cpu())
     model.train(was_training)
     return {"target": torch.cat(pred_t), "aux": torch.cat(pred_m), "features": torch.cat(feats)}

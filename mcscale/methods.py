@@ -1,19 +1,24 @@
 """Clustering methods as per-batch objectives: what each computes from the head logits of two views.
 
 The trainer knows nothing method-specific: it hands the logits of the prediction view x1 (with
-gradient) and the pseudo-label view x2 (no gradient) to ``method.batch_loss`` and steps on the
-returned loss, or skips the batch when the method says there is nothing to learn from it.
+gradient) and the pseudo-label view x2 (with gradient only when ``method.trains_both_views``) to
+``method.batch_loss`` and steps on the returned loss, or skips the batch when the method says there
+is nothing to learn from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+import torch.nn.functional as F
+
 from mcscale import objectives as obj
-from mcscale.config import ClusterConfig
+from mcscale.config import ClusterConfig, Config, P2OTConfig
+from mcscale.p2ot import p2ot_plan, rho_schedule
 
 
 def _value(t: torch.Tensor) -> float:
@@ -31,12 +36,13 @@ class SelfLabelling:
     """SCAN-style self-labelling: confident pseudo-labels of x2 train the target head on x1."""
 
     uses_aux_head = False
+    trains_both_views = False
 
     def __init__(self, cfg: ClusterConfig, num_clusters: int):
         self.cfg = cfg
         self.num_clusters = num_clusters
 
-    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2) -> BatchResult:
+    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
         loss, n_t = obj.confident_cross_entropy(
             logits_t1, logits_t2, self.cfg.tau, balance=self.cfg.selflabel_balance
         )
@@ -54,6 +60,7 @@ class HeadGuided:
     """MiniClustering (M > K) and MaxiClustering (M < K): L = L_r + alpha L_m + beta L_s."""
 
     uses_aux_head = True
+    trains_both_views = False
 
     def __init__(self, cfg: ClusterConfig, num_clusters: int):
         self.cfg = cfg
@@ -85,25 +92,25 @@ class HeadGuided:
         )
         return loss, int(mask.sum())
 
-    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2) -> BatchResult:
+    def aux_losses(self, logits_t1, logits_m1, logits_m2):
+        """alpha * L_m + beta * L_s and their statistics: the mini-cluster head's own training."""
         c = self.cfg
-        label_source = (logits_t1, logits_m1) if c.weight_view == "prediction" else (logits_t2, logits_m2)
-        weights = self.estimate_weights(*label_source)
-        l_r, n_t = self.target_loss(logits_t1, logits_t2, weights)
         l_m, n_m = obj.confident_cross_entropy(logits_m1, logits_m2, c.tau, balance=c.aux_balance)
         l_s = obj.similarity_alignment(
             torch.softmax(logits_t1.float(), 1), torch.softmax(logits_m1.float(), 1), c.similarity_normalize_rows
         )
-        stats = {
-            "l_r": _value(l_r),
-            "l_m": _value(l_m),
-            "l_s": _value(l_s),
-            "n_confident_t": n_t,
-            "n_confident_m": n_m,
-        }
-        if n_t == 0 or n_m == 0:  # the authors' code skips such a batch
+        return c.alpha * l_m + c.beta * l_s, {"l_m": _value(l_m), "l_s": _value(l_s), "n_confident_m": n_m}
+
+    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
+        c = self.cfg
+        label_source = (logits_t1, logits_m1) if c.weight_view == "prediction" else (logits_t2, logits_m2)
+        weights = self.estimate_weights(*label_source)
+        l_r, n_t = self.target_loss(logits_t1, logits_t2, weights)
+        aux, aux_stats = self.aux_losses(logits_t1, logits_m1, logits_m2)
+        stats = {"l_r": _value(l_r), "n_confident_t": n_t, **aux_stats}
+        if n_t == 0 or aux_stats["n_confident_m"] == 0:  # the authors' code skips such a batch
             return BatchResult(None, stats, weights)
-        return BatchResult(l_r + c.alpha * l_m + c.beta * l_s, stats, weights)
+        return BatchResult(l_r + aux, stats, weights)
 
     def state_dict(self) -> dict:
         return {"recent_counts": list(self.recent_counts)}
@@ -113,7 +120,89 @@ class HeadGuided:
         self.recent_counts.extend(state.get("recent_counts", []))
 
 
-def build_method(cfg: ClusterConfig, num_clusters: int):
-    if cfg.method == "selflabel":
-        return SelfLabelling(cfg, num_clusters)
-    return HeadGuided(cfg, num_clusters)
+class P2OT:
+    """P2OT (METHOD section 7): soft pseudo-labels from a progressive partial OT plan over a FIFO of
+    recent logits, swapped between the two views; optionally re-weighted by mini-cluster weights."""
+
+    uses_aux_head = False
+    trains_both_views = True
+
+    def __init__(self, cfg: ClusterConfig, p2ot: P2OTConfig, num_clusters: int, total_steps: int):
+        self.cfg = cfg
+        self.p = p2ot
+        self.num_clusters = num_clusters
+        self.total_steps = total_steps
+        self.buffer: torch.Tensor | None = None  # detached logits of recent batches, oldest first
+        self.warm: torch.Tensor | None = None  # log v of the last solve
+        self.mini = HeadGuided(dataclasses.replace(cfg, method="mini"), num_clusters) if p2ot.mini_weights else None
+        self.uses_aux_head = self.mini is not None
+
+    def rho(self, step: int) -> float:
+        if self.p.variant == "uot":
+            return 1.0
+        if self.p.rho_schedule == "fixed":
+            return self.p.rho0
+        return rho_schedule(step, self.total_steps, self.p.rho0)
+
+    def targets(self, logits: torch.Tensor, rho: float) -> tuple[torch.Tensor, dict]:
+        """The plan rows of the current batch, solved over [buffer; batch]."""
+        current = logits.detach().float()
+        pool = current if self.buffer is None else torch.cat([self.buffer.to(current.device), current])
+        plan, state = p2ot_plan(
+            pool, rho, eps=self.p.eps, lam=self.p.lam, max_iter=self.p.max_iter, tol=self.p.tol,
+            warm_start=self.warm, hard_marginal=self.p.variant == "pot",
+        )
+        self.warm = state["log_v"]
+        return plan[-current.shape[0]:], state
+
+    def push(self, logits: torch.Tensor) -> None:
+        capacity = self.p.buffer_batches * logits.shape[0]
+        rows = logits.detach().float()
+        self.buffer = rows if self.buffer is None else torch.cat([self.buffer, rows])[-capacity:]
+
+    def soft_ce(self, logits, target, weights=None) -> torch.Tensor:
+        per_sample = -(target * F.log_softmax(logits.float(), dim=1)).sum(1)
+        if weights is None:
+            return per_sample.mean()
+        w = weights[target.argmax(1)]
+        return (w * per_sample).sum() / w.sum()
+
+    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
+        rho = self.rho(step)
+        target_for_1, state = self.targets(logits_t2, rho)  # swapped: view 1 learns view 2's plan
+        target_for_2, _ = self.targets(logits_t1, rho)
+        weights = self.mini.estimate_weights(logits_t1, logits_m1) if self.mini else None
+        l_r = 0.5 * (self.soft_ce(logits_t1, target_for_1, weights) + self.soft_ce(logits_t2, target_for_2, weights))
+        self.push(logits_t1)
+        stats = {
+            "l_r": _value(l_r), "l_m": 0.0, "l_s": 0.0, "n_confident_t": int((target_for_1.sum(1) > 0.5).sum()),
+            "n_confident_m": 0, "rho": rho, "ot_iterations": state["iterations"],
+            "ot_mass": float(target_for_1.sum()) / target_for_1.shape[0],
+        }
+        loss = l_r
+        if self.mini:
+            aux, aux_stats = self.mini.aux_losses(logits_t1, logits_m1, logits_m2)
+            stats.update(aux_stats)
+            loss = loss + aux
+        return BatchResult(loss, stats, weights)
+
+    def state_dict(self) -> dict:
+        state = {"buffer": self.buffer, "warm": self.warm}
+        if self.mini:
+            state["mini"] = self.mini.state_dict()
+        return {key: value for key, value in state.items() if value is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = state.get("buffer")
+        self.warm = state.get("warm")
+        if self.mini:
+            self.mini.load_state_dict(state.get("mini", {}))
+
+
+def build_method(cfg: Config, num_clusters: int, total_steps: int):
+    c = cfg.cluster
+    if c.method == "selflabel":
+        return SelfLabelling(c, num_clusters)
+    if c.method == "p2ot":
+        return P2OT(c, cfg.p2ot, num_clusters, total_steps)
+    return HeadGuided(c, num_clusters)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mcscale.p2ot import p2ot_plan, rho_schedule  # P2OT pseudo-labels (METHOD section 7)
+
 __all__ = [
+    "p2ot_plan",
+    "rho_schedule",
     "contingency",
     "class_weights",
     "confident_cross_entropy",

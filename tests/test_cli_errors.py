@@ -27,6 +27,8 @@ def _run(capsys, *argv):
         ("cluster.num_aux=10", "MiniClustering needs M > K"),
         ("cluster.method=banana", "cluster.method: 'banana' is not one of"),
         ("data.source=imagenet", "data.source: 'imagenet' is not one of"),
+        ("p2ot.variant=full", "p2ot.variant: 'full' is not one of"),
+        ("p2ot.rho0=0", "p2ot.rho0: 0.0 must lie in (0, 1]"),
     ],
 )
 def test_config_errors_exit_2_with_one_line(capsys, tmp_path, override, needle):
@@ -116,7 +118,7 @@ def test_every_paper_setting_has_a_config():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_configs_load_and_validate(path):
     cfg = load_config(str(path))
-    assert cfg.cluster.method in ("mini", "maxi")
+    assert cfg.cluster.method in ("mini", "maxi", "p2ot")
 
 
 def test_paper_values_reach_the_config():
@@ -131,6 +133,9 @@ def test_paper_values_reach_the_config():
     assert (tiny.cluster.method, tiny.cluster.num_aux, tiny.cluster.num_clusters, tiny.cluster.lr) == ("maxi", 100, 200, 1e-6)
     lt = load_config("imagenet_lt_maxi")
     assert lt.model.backbone == "resnet50" and lt.data.imbalance_ratio is None
+    p2ot = load_config("cifar100_r100_p2ot")
+    assert (p2ot.cluster.num_clusters, p2ot.data.imbalance_ratio, p2ot.p2ot.eps, p2ot.p2ot.lam, p2ot.p2ot.rho0) == (
+        100, 100.0, 0.1, 1.0, 0.1)
 
 
 def test_overrides_and_base_chain(tmp_path):

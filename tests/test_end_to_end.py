@@ -34,7 +34,16 @@ def test_pretrain_writes_encoder_and_log(encoder_dir):
     assert (encoder_dir / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("method,extra", [("mini", []), ("maxi", ["cluster.num_aux=5"]), ("selflabel", [])])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("mini", []),
+        ("maxi", ["cluster.num_aux=5"]),
+        ("selflabel", []),
+        ("p2ot", []),
+        ("p2ot", ["p2ot.mini_weights=true", "p2ot.cosine_head=true", "p2ot.buffer_batches=2"]),
+    ],
+)
 def test_cluster_run_folder_contract(encoder_dir, tmp_path, method, extra):
     out = tmp_path / method
     # tau 0.2 so that some samples are confident after 4 steps with a random-ish encoder
@@ -52,7 +61,7 @@ def test_cluster_run_folder_contract(encoder_dir, tmp_path, method, extra):
         assert {"step", "epoch", "loss", "l_r", "l_m", "l_s", "n_confident_t", "n_confident_m", "lr"} <= set(r)
     evals = [r for r in steps if "eval" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
-    if method != "selflabel":
+    if method in ("mini", "maxi") or "p2ot.mini_weights=true" in extra:
         assert "weight_spearman" in evals[-1]["eval"]
     ckpt = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert ckpt["step"] == 4

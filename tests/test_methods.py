@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from mcscale import objectives as obj
-from mcscale.config import ClusterConfig
-from mcscale.methods import HeadGuided, SelfLabelling, build_method
+import torch.nn.functional as F
+
+from mcscale.config import ClusterConfig, Config, P2OTConfig
+from mcscale.methods import P2OT, HeadGuided, SelfLabelling, build_method
+from mcscale.p2ot import p2ot_plan, rho_schedule
 
 K, M, N = 4, 9, 33
 
@@ -83,7 +86,7 @@ def test_window_estimate_sums_recent_counts():
 def test_selflabel_is_balanced_confident_ce():
     t1, m1, t2, m2 = _logits(6)
     cfg = _cfg(method="selflabel")
-    result = build_method(cfg, K).batch_loss(t1, m1, t2, m2)
+    result = build_method(Config(cluster=cfg), K, 100).batch_loss(t1, m1, t2, m2)
     expected, _ = obj.confident_cross_entropy(t1, t2, cfg.tau, balance=True)
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -93,3 +96,62 @@ def test_gradient_reaches_both_heads_not_pseudo_view():
     result = HeadGuided(_cfg(), K).batch_loss(t1, m1, t2.detach(), m2.detach())
     result.loss.backward()
     assert t1.grad.abs().sum() > 0 and m1.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- P2OT
+def _soft_ce(logits, target):
+    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def test_p2ot_first_batch_equals_plan_by_hand():
+    t1, m1, t2, m2 = _logits(8, scale=2.0)
+    method = P2OT(_cfg(method="p2ot"), P2OTConfig(), K, total_steps=50)
+    result = method.batch_loss(t1, m1, t2, m2, step=10)
+    rho = rho_schedule(10, 50, 0.1)
+    q_for_1, _ = p2ot_plan(t2, rho)  # cold start: the first solve of the step
+    q_for_2, _ = p2ot_plan(t1, rho, warm_start=p2ot_plan(t2, rho)[1])
+    expected = 0.5 * (_soft_ce(t1, q_for_1) + _soft_ce(t2, q_for_2))
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert result.stats["rho"] == pytest.approx(rho)
+    assert result.stats["ot_mass"] == pytest.approx(rho, abs=1e-4)
+
+
+def test_p2ot_buffer_is_a_fifo_of_batches_and_survives_checkpoints():
+    method = P2OT(_cfg(method="p2ot"), P2OTConfig(buffer_batches=2), K, total_steps=50)
+    batches = [_logits(s, scale=2.0) for s in (10, 11, 12)]
+    for step, (t1, m1, t2, m2) in enumerate(batches):
+        method.batch_loss(t1, m1, t2, m2, step=step)
+    assert torch.equal(method.buffer, torch.cat([batches[1][0], batches[2][0]]))
+    # with a full buffer the plan is solved over [buffer; batch] and sliced
+    t1, m1, t2, m2 = _logits(13, scale=2.0)
+    restored = P2OT(_cfg(method="p2ot"), P2OTConfig(buffer_batches=2), K, total_steps=50)
+    restored.load_state_dict(method.state_dict())
+    a = method.batch_loss(t1, m1, t2, m2, step=3).loss
+    b = restored.batch_loss(t1, m1, t2, m2, step=3).loss
+    assert a.item() == b.item()
+    pool = torch.cat([batches[1][0], batches[2][0], t2])
+    plan, _ = p2ot_plan(pool, rho_schedule(3, 50, 0.1), warm_start=restored.state_dict()["warm"])
+    assert plan.shape == (3 * N, K)
+
+
+def test_p2ot_variants_choose_rho():
+    cfg = _cfg(method="p2ot")
+    assert P2OT(cfg, P2OTConfig(variant="uot"), K, 10).rho(0) == 1.0
+    assert P2OT(cfg, P2OTConfig(rho_schedule="fixed", rho0=0.3), K, 10).rho(7) == 0.3
+    assert P2OT(cfg, P2OTConfig(), K, 10).rho(10) == 1.0
+    pot = P2OT(cfg, P2OTConfig(variant="pot"), K, 10)
+    t1, m1, t2, m2 = _logits(14, scale=2.0)
+    target, _ = pot.targets(t2, 0.5)
+    # hard uniform marginal: every cluster gets rho * N / K
+    assert torch.allclose(target.sum(0), torch.full((K,), 0.5 * N / K), rtol=1e-3)
+
+
+def test_p2ot_with_mini_weights_adds_the_mini_head_losses():
+    t1, m1, t2, m2 = _logits(15, scale=2.0)
+    cfg = _cfg(method="p2ot")
+    plain = P2OT(cfg, P2OTConfig(), K, 50).batch_loss(t1, m1, t2, m2, step=5)
+    mini = P2OT(cfg, P2OTConfig(mini_weights=True), K, 50).batch_loss(t1, m1, t2, m2, step=5)
+    w = obj.class_weights(obj.contingency(t1.argmax(1), m1.argmax(1), K, M), cfg.delta, "mini")
+    assert torch.equal(mini.weights, w)
+    assert mini.stats["l_m"] > 0 and mini.stats["l_s"] > 0
+    assert mini.loss.item() != pytest.approx(plain.loss.item())
