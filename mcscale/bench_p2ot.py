@@ -1,6 +1,6 @@
 """Timing of the P2OT solver (``mcscale.p2ot.p2ot_plan``) at N = 5120, cold start.
 
-    python -m mcscale.bench_p2ot --out benchmarks/p2ot_solver_cpu.csv [--repeats 3] [--device cuda]
+    python -m mcscale.bench_p2ot --out benchmarks/p2ot_cpu.csv [--repeats 3] [--device cuda]
 
 Random logits N(0, 3^2) (confident but not saturated predictions), K in {10, 100, 1000}, rho in
 {0.1, 0.5, 1.0}, the solver's defaults (eps 0.1, lam 1, tol 1e-6, max_iter 1000). One untimed

@@ -13,6 +13,9 @@ from pathlib import Path
 from mcscale import __version__
 
 
+BENCHMARKS = {"p2ot": "mcscale.bench_p2ot", "kernels": "mcscale.bench_kernels"}
+
+
 def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--config", required=True, help="YAML file, or the name of one in configs/ (e.g. digits_lt)")
     p.add_argument("--out", required=True, help="run folder to write (created if missing)")
@@ -44,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, "cluster")
     p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = sub.add_parser("bench", help="benchmarks: the P2OT solver or the head-objective kernels")
+    p.add_argument("target", choices=sorted(BENCHMARKS), help="what to time")
+    p.add_argument("--out", help="CSV to write (default benchmarks/<target>_<device>.csv)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
 
     p = sub.add_parser("eval", help="re-evaluate the latest checkpoint of a clustering run")
     p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
@@ -89,6 +98,15 @@ def _dispatch(args) -> int:
 
         metrics = run_eval(args.run, force_cpu=args.cpu)
         _print_metrics(f"re-evaluated {args.run}", metrics)
+    elif args.command == "bench":
+        import importlib
+
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        out = args.out or f"benchmarks/{args.target}_{device}.csv"
+        importlib.import_module(BENCHMARKS[args.target]).run(out, device=device, repeats=args.repeats)
+        print(f"written to {out}")
     elif args.command == "quickstart":
         from mcscale.quickstart import run_quickstart
 
