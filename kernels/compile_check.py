@@ -1,0 +1,114 @@
+"""Compile every kernel launch of a small workload for a GPU target, without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, not whether they compile: the
+compiled frontend is stricter about types, constexpr branches and early returns. This tool runs the
+public functions on CPU tensors with the launches recorded instead of run, then compiles each
+distinct launch (signature and constants as Triton's launcher would specialise them) down to a
+cubin with the ptxas that ships with triton. Run it in a process that did not set TRITON_INTERPRET:
+
+    python -m mcscale.kernels.compile_check [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+
+import torch
+
+from . import _runtime
+
+_POINTER_TYPES = {
+    torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1",
+}
+
+
+def record_launches() -> list:
+    """(kernel function, args, kwargs) of every launch made by a small mixed workload."""
+    import mcscale.kernels as mk
+
+    recorded = []
+
+    def spy(self, grid):
+        return lambda *args, **kwargs: recorded.append((self.fn, args, kwargs))
+
+    saved = (_runtime.LazyKernel.__getitem__, _runtime.interpreting)
+    _runtime.LazyKernel.__getitem__ = spy
+    _runtime.interpreting = lambda: True  # let CPU tensors through check_launchable
+    try:
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 10, (37,), generator=g), torch.randint(0, 40, (37,), generator=g)
+        counts = mk.contingency(*labels, 10, 40)
+        for mode in ("mini", "maxi"):
+            mk.class_weights(counts, 0.3, mode)
+        for n, k, m, dtype in [(37, 10, 40, torch.float32), (37, 100, 200, torch.float32),
+                               (37, 10, 40, torch.bfloat16), (20, 3, 7, torch.float64)]:
+            for normalize in (True, False):
+                a = torch.rand(n, k, dtype=dtype).requires_grad_()
+                b = torch.rand(n, m, dtype=dtype).requires_grad_()
+                mk.similarity_alignment(a, b, normalize).backward()
+            for balance in (False, True):
+                z = torch.rand(n, k, dtype=dtype).requires_grad_()
+                loss, _ = mk.confident_cross_entropy(z, torch.zeros(n, k), 0.3, torch.ones(k), balance)
+                loss.backward()
+    finally:
+        _runtime.LazyKernel.__getitem__, _runtime.interpreting = saved
+    return recorded
+
+
+def _signature(fn, args, kwargs):
+    params = inspect.signature(fn).parameters
+    values = dict(zip(params, args), **kwargs)
+    signature, constants = {}, {}
+    for name, param in params.items():
+        value = values[name]
+        if "constexpr" in str(param.annotation) or (isinstance(value, int) and value == 1):
+            signature[name], constants[name] = "constexpr", value  # Triton specialises ints == 1
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            signature[name] = "fp32"
+    return signature, constants, values.get("num_warps", 4)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    args = parser.parse_args(argv)
+    if _runtime.triton is None or _runtime.interpreting():
+        print("compile_check needs triton, imported without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    target = GPUTarget("cuda", args.arch, 32)
+    seen, failures = set(), 0
+    for fn, call_args, kwargs in record_launches():
+        signature, constants, warps = _signature(fn, call_args, kwargs)
+        key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constants.items(), key=str)))
+        if key in seen:
+            continue
+        seen.add(key)
+        start = time.perf_counter()
+        try:
+            source = ASTSource(JITFunction(fn), signature, constants)
+            _runtime.triton.compile(source, target=target, options={"num_warps": warps})
+            status = "ok  "
+        except Exception as exc:  # report every failing variant, not just the first
+            failures += 1
+            status = f"FAIL {type(exc).__name__}: {str(exc)[-600:]}\n    "
+        print(f"{status}{fn.__name__} {time.perf_counter() - start:.1f}s {constants}")
+    print(f"{len(seen)} variants, {failures} failed (sm_{args.arch})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

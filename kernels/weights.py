@@ -1,0 +1,130 @@
+"""Cluster weights from a K x M contingency matrix (METHOD.md section 3) as Triton kernels.
+
+mini: each column is normalised over K, and every share strictly above delta adds one to the count
+c_k of its row; w_k = M / max(c_k, 0.5). One program per block of columns, two passes down the
+columns (totals, then threshold), counts scattered with atomics, then an elementwise finish.
+maxi: each row is normalised over M; one program per block of rows does both passes and writes
+w_k = max(c_k, 0.5) directly. Shares are computed in float64 against a float64 delta, as the
+reference does, so the strict threshold flips at exactly the same counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import cdiv, check_launchable, kernel, next_pow2, scalar, tl, warps_for
+
+__all__ = ["class_weights"]
+
+WEIGHT_MODES = ("mini", "maxi")
+
+
+@kernel
+def _mini_owned_kernel(
+    counts_ptr, owned_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
+    BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_live = cols < num_aux
+    col_offs = cols.to(tl.int64) * stride_j
+    delta = tl.load(delta_ptr)
+    totals = tl.zeros([BLOCK_J], dtype=tl.float64)
+    for k0 in range(0, num_target, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        live = (rows < num_target)[:, None] & col_live[None, :]
+        ptrs = counts_ptr + rows.to(tl.int64)[:, None] * stride_k + col_offs[None, :]
+        totals += tl.sum(tl.load(ptrs, mask=live, other=0).to(tl.float64), axis=0)
+    # An empty column has share 0 everywhere (the reference divides by max(total, 1) where total > 0).
+    nonempty = totals > 0
+    denom = tl.where(nonempty, tl.maximum(totals, 1.0), 1.0)
+    for k0 in range(0, num_target, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        row_live = rows < num_target
+        live = row_live[:, None] & col_live[None, :]
+        ptrs = counts_ptr + rows.to(tl.int64)[:, None] * stride_k + col_offs[None, :]
+        t = tl.load(ptrs, mask=live, other=0).to(tl.float64)
+        share = tl.where(nonempty[None, :], t / denom[None, :], 0.0)
+        hits = tl.sum(((share > delta) & live).to(tl.int32), axis=1)
+        tl.atomic_add(owned_ptr + rows, hits, mask=row_live & (hits > 0))
+
+
+@kernel
+def _mini_finish_kernel(owned_ptr, weight_ptr, num_target, num_aux, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < num_target
+    owned = tl.load(owned_ptr + offs, mask=live, other=0).to(tl.float32)
+    # The reference's ``M / tensor`` is torch's reciprocal-then-multiply, each correctly rounded in
+    # float32; div_rn because Triton's default float32 division is approximate.
+    recip = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), tl.maximum(owned, 0.5))
+    weight = recip * tl.cast(num_aux, tl.float32)
+    tl.store(weight_ptr + offs, weight, mask=live)
+
+
+@kernel
+def _maxi_weights_kernel(
+    counts_ptr, weight_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
+    BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_live = rows < num_target
+    row_offs = rows.to(tl.int64) * stride_k
+    delta = tl.load(delta_ptr)
+    totals = tl.zeros([BLOCK_K], dtype=tl.float64)
+    for j0 in range(0, num_aux, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        live = row_live[:, None] & (cols < num_aux)[None, :]
+        ptrs = counts_ptr + row_offs[:, None] + cols.to(tl.int64)[None, :] * stride_j
+        totals += tl.sum(tl.load(ptrs, mask=live, other=0).to(tl.float64), axis=1)
+    nonempty = totals > 0
+    denom = tl.where(nonempty, tl.maximum(totals, 1.0), 1.0)
+    owned = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j0 in range(0, num_aux, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        live = row_live[:, None] & (cols < num_aux)[None, :]
+        ptrs = counts_ptr + row_offs[:, None] + cols.to(tl.int64)[None, :] * stride_j
+        t = tl.load(ptrs, mask=live, other=0).to(tl.float64)
+        share = tl.where(nonempty[:, None], t / denom[:, None], 0.0)
+        owned += tl.sum(((share > delta) & live).to(tl.int32), axis=1)
+    tl.store(weight_ptr + rows, tl.maximum(owned.to(tl.float32), 0.5), mask=row_live)
+
+
+def _tiles(num_lines: int, line_length: int) -> tuple[int, int]:
+    """(lines per program, chunk along a line): 2-D tiles of at most 4096 counts."""
+    chunk = min(next_pow2(max(line_length, 1)), 256)
+    lines = max(1, min(4096 // chunk, 64, next_pow2(max(num_lines, 1))))
+    return lines, chunk
+
+
+def class_weights(counts: torch.Tensor, delta: float, mode: str = "mini") -> torch.Tensor:
+    """Per-cluster float32 weights from a K x M contingency matrix; ``mcscale.objectives`` semantics."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"class_weights: mode must be one of {WEIGHT_MODES}, got {mode!r}")
+    if counts.dim() != 2:
+        raise ValueError(f"class_weights: counts must be K x M, got shape {tuple(counts.shape)}")
+    check_launchable("class_weights", counts)
+    counts = counts.detach()
+    if counts.dtype == torch.bool:
+        counts = counts.to(torch.int32)
+    num_target, num_aux = counts.shape
+    device = counts.device
+    weights = torch.empty(num_target, dtype=torch.float32, device=device)
+    if num_target == 0:
+        return weights
+    delta_t = scalar(delta, torch.float64, device)
+    if mode == "maxi":
+        rows, chunk = _tiles(num_target, num_aux)
+        _maxi_weights_kernel[(cdiv(num_target, rows),)](
+            counts, weights, delta_t, num_target, num_aux, counts.stride(0), counts.stride(1),
+            BLOCK_K=rows, BLOCK_J=chunk, num_warps=warps_for(rows * chunk),
+        )
+        return weights
+    owned = torch.zeros(num_target, dtype=torch.int32, device=device)
+    if num_aux > 0:
+        cols, chunk = _tiles(num_aux, num_target)
+        _mini_owned_kernel[(cdiv(num_aux, cols),)](
+            counts, owned, delta_t, num_target, num_aux, counts.stride(0), counts.stride(1),
+            BLOCK_K=chunk, BLOCK_J=cols, num_warps=warps_for(cols * chunk),
+        )
+    block = min(next_pow2(num_target), 1024)
+    _mini_finish_kernel[(cdiv(num_target, block),)](owned, weights, num_target, num_aux, BLOCK=block)
+    return weights
