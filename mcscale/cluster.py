@@ -13,7 +13,17 @@ from mcscale.kmeans import spherical_kmeans
 from mcscale.methods import build_method
 from mcscale.models import ClusterModel
 from mcscale.pretrain import build_byol, load_encoder
-from mcscale.runtime import JsonlLog, RunError, atomic_write_json, pick_device, prepare_out_dir, progress, seed_everything
+from mcscale.runtime import (
+    JsonlLog,
+    RunError,
+    StepGuard,
+    StopRequested,
+    atomic_write_json,
+    pick_device,
+    prepare_out_dir,
+    progress,
+    seed_everything,
+)
 from mcscale.stage import (
     check_compatible,
     latest_checkpoint,
@@ -22,6 +32,7 @@ from mcscale.stage import (
     restore_latest,
     save_checkpoint,
     start_fresh,
+    stop_message,
     write_config,
 )
 
@@ -106,36 +117,43 @@ def run_cluster(
         })
 
     bar = progress(total=total, initial=step, desc=f"cluster[{c.method}]", unit="step")
+    guard = StepGuard(cfg.max_nonfinite_steps)
     model.train()
-    while step < total:
-        batch = views.two_views(cfg.seed, step, c.batch_size)
-        with torch.set_grad_enabled(method.trains_both_views):
-            logits_t2, logits_m2 = model(batch.x2)
-        logits_t1, logits_m1 = model(batch.x1)
-        result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
-        if result.loss is not None and not torch.isfinite(result.loss):
-            raise RunError(f"step {step}: non-finite loss; lower cluster.lr (now {c.lr})")
-        if result.loss is None:
-            skipped += 1
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
-        step += 1
-        record = {"step": step, "epoch": (step - 1) // per_epoch,
-                  "loss": float(result.loss.detach()) if result.loss is not None else None,
-                  **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
-                  "lr": optimizer.param_groups[0]["lr"]}
-        if result.weights is not None:
-            record["weights"] = [round(float(w), 4) for w in result.weights]
-        log.write(record)
-        bar.update(1)
-        bar.set_postfix(loss="skip" if result.loss is None else f"{record['loss']:.3f}", skipped=skipped)
-        if c.eval_every and step % c.eval_every == 0 and step < total:
-            log.write({"step": step, "eval": evaluate_model(model, views, labels, class_counts, cfg, k)})
-        if step % c.checkpoint_every == 0 or step == total:
-            checkpoint()
-    bar.close()
+    try:
+        while step < total:
+            batch = views.two_views(cfg.seed, step, c.batch_size)
+            with torch.set_grad_enabled(method.trains_both_views):
+                logits_t2, logits_m2 = model(batch.x2)
+            logits_t1, logits_m1 = model(batch.x1)
+            result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
+            finite = result.loss is None or guard.loss_is_finite(result.loss, step, batch.index)
+            if result.loss is None:
+                skipped += 1
+            elif finite:
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                optimizer.step()
+            step += 1
+            record = {"step": step, "epoch": (step - 1) // per_epoch,
+                      "loss": float(result.loss.detach()) if result.loss is not None and finite else None,
+                      **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
+                      "lr": optimizer.param_groups[0]["lr"]}
+            if not finite:
+                record.update({"nonfinite": True, "indices": batch.index.tolist()})
+            if result.weights is not None:
+                record["weights"] = [round(float(w), 4) for w in result.weights]
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
+            if c.eval_every and step % c.eval_every == 0 and step < total:
+                log.write({"step": step, "eval": evaluate_model(model, views, labels, class_counts, cfg, k)})
+            if step % c.checkpoint_every == 0 or step == total or guard.stop_requested:
+                checkpoint()
+            if guard.stop_requested and step < total:
+                raise StopRequested(stop_message(guard, step, out))
+    finally:
+        guard.close()
+        bar.close()
     final = evaluate_model(model, views, labels, class_counts, cfg, k)
     final["skipped_batches"] = skipped
     final["steps"] = step

@@ -122,6 +122,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_steps: typing.Optional[int] = None  # cap on optimiser steps of the stage being run
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses (each skipped) before the run stops
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -328,6 +329,7 @@ def validate(cfg: Config) -> None:
     _check(p.buffer_batches >= 1, f"p2ot.buffer_batches: {p.buffer_batches} must be at least 1")
     if c.method == "p2ot" and p.mini_weights and c.num_clusters is not None:
         _check(c.num_aux > c.num_clusters, f"cluster.num_aux: p2ot.mini_weights needs M > K, got M={c.num_aux} and K={c.num_clusters}")
+    _check(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps: {cfg.max_nonfinite_steps} must be at least 1")
     if cfg.max_steps is not None:
         _check(cfg.max_steps >= 1, f"max_steps: {cfg.max_steps} must be at least 1")
 

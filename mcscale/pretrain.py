@@ -9,8 +9,18 @@ import torch
 
 from mcscale.config import Config
 from mcscale.models import BYOL, build_backbone, byol_momentum
-from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, pick_device, prepare_out_dir, progress, seed_everything
-from mcscale.stage import load_views, restore_latest, save_checkpoint, start_fresh, write_config
+from mcscale.runtime import (
+    JsonlLog,
+    RunError,
+    StepGuard,
+    StopRequested,
+    atomic_torch_save,
+    pick_device,
+    prepare_out_dir,
+    progress,
+    seed_everything,
+)
+from mcscale.stage import load_views, restore_latest, save_checkpoint, start_fresh, stop_message, write_config
 
 ENCODER_FILE = "encoder.pt"
 
@@ -93,25 +103,36 @@ def run_pretrain(
         })
 
     bar = progress(total=total, initial=step, desc="BYOL", unit="step")
+    guard = StepGuard(cfg.max_nonfinite_steps)
     byol.train()
-    while step < total:
-        batch = views.two_views(cfg.seed, step, p.batch_size)
-        loss = byol(batch.x1, batch.x2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        momentum = byol_momentum(step, total, p.ema) if p.ema_schedule == "cosine" else p.ema
-        byol.update_target(momentum)
-        step += 1
-        loss = loss.detach()
-        log.write({"step": step, "epoch": (step - 1) // per_epoch, "loss": float(loss),
-                   "lr": optimizer.param_groups[0]["lr"], "ema": momentum})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        if step % p.checkpoint_every == 0 or step == total:
-            checkpoint()
-    bar.close()
+    try:
+        while step < total:
+            batch = views.two_views(cfg.seed, step, p.batch_size)
+            loss = byol(batch.x1, batch.x2)
+            finite = guard.loss_is_finite(loss, step, batch.index)
+            if finite:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            momentum = byol_momentum(step, total, p.ema) if p.ema_schedule == "cosine" else p.ema
+            if finite:
+                byol.update_target(momentum)
+            step += 1
+            record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": float(loss.detach()) if finite else None,
+                      "lr": optimizer.param_groups[0]["lr"], "ema": momentum}
+            if not finite:
+                record.update({"nonfinite": True, "indices": batch.index.tolist()})
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
+            if step % p.checkpoint_every == 0 or step == total or guard.stop_requested:
+                checkpoint()
+            if guard.stop_requested and step < total:
+                raise StopRequested(stop_message(guard, step, out))
+    finally:
+        guard.close()
+        bar.close()
     log.close()
     encoder = byol.encoder().cpu()
     atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -140,3 +142,53 @@ def prepare_out_dir(path: str | Path) -> Path:
     except OSError as err:
         raise RunError(f"--out {out}: cannot write there ({err.strerror}); pick a writable folder") from None
     return out
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after SIGTERM / SIGUSR1, once a checkpoint is written."""
+
+
+class StepGuard:
+    """What a training loop checks between steps.
+
+    - SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) set a flag; the loop writes a
+      checkpoint at the next step boundary and stops cleanly.
+    - A non-finite loss skips the update; after ``max_nonfinite`` in a row the run stops, its last
+      good checkpoint intact.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self, max_nonfinite: int = 5):
+        self.max_nonfinite = max_nonfinite
+        self.consecutive = 0
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.signal_name is not None
+
+    def loss_is_finite(self, loss: torch.Tensor, step: int, indices) -> bool:
+        if bool(torch.isfinite(loss.detach()).all()):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        if self.consecutive >= self.max_nonfinite:
+            raise RunError(
+                f"step {step}: {self.consecutive} non-finite losses in a row (last batch indices"
+                f" {list(map(int, indices[:8]))}...); the last good checkpoint is kept; lower the learning rate"
+                " or check the data for NaN/inf"
+            )
+        return False
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
