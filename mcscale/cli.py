@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-evaluate the latest checkpoint of a clustering run")
     p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
     p.add_argument("--cpu", action="store_true")
+
+    p = sub.add_parser("report", help="figures and an offline report.html in RUN/report/")
+    p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
+    p.add_argument("--cpu", action="store_true", help="recompute predictions on the CPU if needed")
+
+    p = sub.add_parser("compare", help="one metrics table across clustering runs")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="folders written by `mcscale cluster`")
     return parser
 
 
@@ -98,6 +105,14 @@ def _dispatch(args) -> int:
 
         metrics = run_eval(args.run, force_cpu=args.cpu)
         _print_metrics(f"re-evaluated {args.run}", metrics)
+    elif args.command == "report":
+        from mcscale.reporting import write_report
+
+        print(write_report(args.run, force_cpu=args.cpu))
+    elif args.command == "compare":
+        from mcscale.compare import compare_runs
+
+        print(compare_runs(args.runs))
     elif args.command == "bench":
         import importlib
 
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mcscale.config import ConfigError
     from mcscale.data.sources import DataError
-    from mcscale.runtime import RunError
+    from mcscale.runtime import RunError, StopRequested
 
     try:
         return _dispatch(args)
@@ -138,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, RunError) as err:
         print(f"mcscale: error: {err}", file=sys.stderr)
         return 1
+    except StopRequested as stop:
+        print(f"mcscale: {stop}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("mcscale: interrupted; resume with the same command and --resume", file=sys.stderr)
         return 130
