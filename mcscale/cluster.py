@@ -14,7 +14,6 @@ from mcscale.methods import build_method
 from mcscale.models import ClusterModel
 from mcscale.pretrain import build_byol, load_encoder
 from mcscale.runtime import (
-    JsonlLog,
     RunError,
     StepGuard,
     StopRequested,
@@ -25,6 +24,7 @@ from mcscale.runtime import (
     seed_everything,
 )
 from mcscale.stage import (
+    RunLogger,
     check_compatible,
     latest_checkpoint,
     load_views,
@@ -54,14 +54,15 @@ def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
     return assign.cpu().numpy()
 
 
-def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int) -> dict:
+def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with_predictions: bool = False):
+    """Metrics of the model on the clean view (and the predictions themselves when asked)."""
     preds = predict(model, views)
     result = full_metrics(labels, preds["target"].numpy(), class_counts)
     c = cfg.cluster
     if c.method in ("mini", "maxi") or (c.method == "p2ot" and cfg.p2ot.mini_weights):
         mode = "maxi" if c.method == "maxi" else "mini"
         result.update(weight_tracking(preds["target"], preds["aux"], labels, k, c.num_aux, c.delta, mode))
-    return result
+    return (result, preds) if with_predictions else result
 
 
 def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, device, k: int) -> ClusterModel:
@@ -93,7 +94,7 @@ def run_cluster(
     c = cfg.cluster
     per_epoch = views.steps_per_epoch(c.batch_size)
     total = cfg.max_steps or c.epochs * per_epoch
-    method = build_method(cfg, k, total)
+    method = build_method(cfg, k, total, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     components = {"model": model, "optimizer": optimizer, "method": method}
@@ -105,10 +106,9 @@ def run_cluster(
         kmeans_metrics = full_metrics(labels, baseline, class_counts)
         step, skipped = 0, 0
         atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
-    log = JsonlLog(out / "log.jsonl", truncate_after_step=step)
+    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
     if step == 0:
-        initial = evaluate_model(model, views, labels, class_counts, cfg, k)
-        log.write({"step": 0, "eval": initial})
+        log.eval(0, evaluate_model(model, views, labels, class_counts, cfg, k))
 
     def checkpoint():
         save_checkpoint(out, step, {
@@ -142,11 +142,11 @@ def run_cluster(
                 record.update({"nonfinite": True, "indices": batch.index.tolist()})
             if result.weights is not None:
                 record["weights"] = [round(float(w), 4) for w in result.weights]
-            log.write(record)
+            log.step(record)
             bar.update(1)
             bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
             if c.eval_every and step % c.eval_every == 0 and step < total:
-                log.write({"step": step, "eval": evaluate_model(model, views, labels, class_counts, cfg, k)})
+                log.eval(step, evaluate_model(model, views, labels, class_counts, cfg, k))
             if step % c.checkpoint_every == 0 or step == total or guard.stop_requested:
                 checkpoint()
             if guard.stop_requested and step < total:
@@ -154,13 +154,17 @@ def run_cluster(
     finally:
         guard.close()
         bar.close()
-    final = evaluate_model(model, views, labels, class_counts, cfg, k)
+    final, preds = evaluate_model(model, views, labels, class_counts, cfg, k, with_predictions=True)
     final["skipped_batches"] = skipped
     final["steps"] = step
-    log.write({"step": step, "eval": final})
+    log.eval(step, final)
     log.close()
     metrics = {"kmeans": kmeans_metrics, "final": final}
     atomic_write_json(out / "metrics.json", metrics)
+    if cfg.logging.report:
+        from mcscale.reporting import prediction_arrays, write_report
+
+        write_report(out, predictions=prediction_arrays(preds, labels), step=step, force_cpu=force_cpu)
     return metrics
 
 

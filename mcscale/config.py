@@ -93,6 +93,7 @@ class ClusterConfig:
     weight_estimate: str = "batch"  # batch (paper) | window: counts summed over recent steps (extension)
     weight_window: int = 10  # steps summed when weight_estimate = window
     selflabel_balance: bool = True  # self-labelling baseline: class-balanced confident CE
+    kernels: str = "auto"  # head objectives: auto (Triton on CUDA) | triton | torch
     kmeans_backend: str = "auto"  # auto | faiss | torch
     kmeans_iters: int = 50
     kmeans_redo: int = 3  # K-means runs from different seeds; the best objective is kept
@@ -118,6 +119,12 @@ class P2OTConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write the log's scalars to RUN/tensorboard/
+    report: bool = True  # figures and report.html in RUN/report/ at the end of a clustering run
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -129,6 +136,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     p2ot: P2OTConfig = field(default_factory=P2OTConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
@@ -145,6 +153,7 @@ CHOICES = {
     "cluster.target_normalize": ("weight_sum", "count"),
     "cluster.weight_estimate": ("batch", "window"),
     "cluster.kmeans_backend": ("auto", "faiss", "torch"),
+    "cluster.kernels": ("auto", "triton", "torch"),
 }
 
 

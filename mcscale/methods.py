@@ -9,6 +9,7 @@ is nothing to learn from it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mcscale import objectives as obj
-from mcscale.config import ClusterConfig, Config, P2OTConfig
+from mcscale.config import ClusterConfig, Config, ConfigError, P2OTConfig
 from mcscale.p2ot import p2ot_plan, rho_schedule
 
 
@@ -38,12 +39,13 @@ class SelfLabelling:
     uses_aux_head = False
     trains_both_views = False
 
-    def __init__(self, cfg: ClusterConfig, num_clusters: int):
+    def __init__(self, cfg: ClusterConfig, num_clusters: int, ops=obj):
         self.cfg = cfg
         self.num_clusters = num_clusters
+        self.ops = ops
 
     def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
-        loss, n_t = obj.confident_cross_entropy(
+        loss, n_t = self.ops.confident_cross_entropy(
             logits_t1, logits_t2, self.cfg.tau, balance=self.cfg.selflabel_balance
         )
         stats = {"l_r": _value(loss), "l_m": 0.0, "l_s": 0.0, "n_confident_t": n_t, "n_confident_m": 0}
@@ -62,9 +64,10 @@ class HeadGuided:
     uses_aux_head = True
     trains_both_views = False
 
-    def __init__(self, cfg: ClusterConfig, num_clusters: int):
+    def __init__(self, cfg: ClusterConfig, num_clusters: int, ops=obj):
         self.cfg = cfg
         self.num_clusters = num_clusters
+        self.ops = ops  # mcscale.objectives or mcscale.kernels: same functions, same semantics
         self.num_aux = cfg.num_aux
         self.mode = cfg.method  # "mini" | "maxi"
         # Extension (default off): counts summed over the last `weight_window` steps, a less noisy
@@ -74,15 +77,15 @@ class HeadGuided:
     def estimate_weights(self, logits_t, logits_m) -> torch.Tensor:
         a = logits_t.detach().argmax(dim=1)
         b = logits_m.detach().argmax(dim=1)
-        counts = obj.contingency(a, b, self.num_clusters, self.num_aux)
-        self.recent_counts.append(counts.cpu())
-        total = torch.stack(list(self.recent_counts)).sum(0)
-        return obj.class_weights(total, self.cfg.delta, self.mode).to(logits_t.device)
+        counts = self.ops.contingency(a, b, self.num_clusters, self.num_aux)
+        self.recent_counts.append(counts)
+        total = counts if len(self.recent_counts) == 1 else sum(c.to(counts.device) for c in self.recent_counts)
+        return self.ops.class_weights(total, self.cfg.delta, self.mode)
 
     def target_loss(self, logits_t1, logits_t2, weights):
         c = self.cfg
         if c.loss == "ce":
-            return obj.confident_cross_entropy(logits_t1, logits_t2, c.tau, weights, normalize=c.target_normalize)
+            return self.ops.confident_cross_entropy(logits_t1, logits_t2, c.tau, weights, normalize=c.target_normalize)
         with torch.no_grad():
             confidence, labels = torch.softmax(logits_t2.float(), dim=1).max(dim=1)
             mask = confidence > c.tau
@@ -95,8 +98,8 @@ class HeadGuided:
     def aux_losses(self, logits_t1, logits_m1, logits_m2):
         """alpha * L_m + beta * L_s and their statistics: the mini-cluster head's own training."""
         c = self.cfg
-        l_m, n_m = obj.confident_cross_entropy(logits_m1, logits_m2, c.tau, balance=c.aux_balance)
-        l_s = obj.similarity_alignment(
+        l_m, n_m = self.ops.confident_cross_entropy(logits_m1, logits_m2, c.tau, balance=c.aux_balance)
+        l_s = self.ops.similarity_alignment(
             torch.softmax(logits_t1.float(), 1), torch.softmax(logits_m1.float(), 1), c.similarity_normalize_rows
         )
         return c.alpha * l_m + c.beta * l_s, {"l_m": _value(l_m), "l_s": _value(l_s), "n_confident_m": n_m}
@@ -113,7 +116,7 @@ class HeadGuided:
         return BatchResult(l_r + aux, stats, weights)
 
     def state_dict(self) -> dict:
-        return {"recent_counts": list(self.recent_counts)}
+        return {"recent_counts": [c.cpu() for c in self.recent_counts]}
 
     def load_state_dict(self, state: dict) -> None:
         self.recent_counts.clear()
@@ -127,14 +130,14 @@ class P2OT:
     uses_aux_head = False
     trains_both_views = True
 
-    def __init__(self, cfg: ClusterConfig, p2ot: P2OTConfig, num_clusters: int, total_steps: int):
+    def __init__(self, cfg: ClusterConfig, p2ot: P2OTConfig, num_clusters: int, total_steps: int, ops=obj):
         self.cfg = cfg
         self.p = p2ot
         self.num_clusters = num_clusters
         self.total_steps = total_steps
         self.buffer: torch.Tensor | None = None  # detached logits of recent batches, oldest first
         self.warm: torch.Tensor | None = None  # log v of the last solve
-        self.mini = HeadGuided(dataclasses.replace(cfg, method="mini"), num_clusters) if p2ot.mini_weights else None
+        self.mini = HeadGuided(dataclasses.replace(cfg, method="mini"), num_clusters, ops) if p2ot.mini_weights else None
         self.uses_aux_head = self.mini is not None
 
     def rho(self, step: int) -> float:
@@ -199,10 +202,27 @@ class P2OT:
             self.mini.load_state_dict(state.get("mini", {}))
 
 
-def build_method(cfg: Config, num_clusters: int, total_steps: int):
+def select_ops(choice: str, device: torch.device):
+    """The implementation of the head objectives: Triton kernels on CUDA (auto), else the references."""
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return obj
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("cluster.kernels: triton on a CPU needs TRITON_INTERPRET=1 (slow, for testing); use auto or torch")
+    try:
+        from mcscale import kernels
+    except ImportError as err:
+        if choice == "triton":
+            raise ConfigError(f"cluster.kernels: triton is not usable here ({err}); use cluster.kernels=torch") from None
+        print(f"mcscale: Triton kernels unavailable ({err}); using the PyTorch objectives")
+        return obj
+    return kernels
+
+
+def build_method(cfg: Config, num_clusters: int, total_steps: int, device: torch.device | None = None):
     c = cfg.cluster
+    ops = select_ops(c.kernels, device or torch.device("cpu"))
     if c.method == "selflabel":
-        return SelfLabelling(c, num_clusters)
+        return SelfLabelling(c, num_clusters, ops)
     if c.method == "p2ot":
-        return P2OT(c, cfg.p2ot, num_clusters, total_steps)
-    return HeadGuided(c, num_clusters)
+        return P2OT(c, cfg.p2ot, num_clusters, total_steps, ops)
+    return HeadGuided(c, num_clusters, ops)

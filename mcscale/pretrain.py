@@ -10,7 +10,6 @@ import torch
 from mcscale.config import Config
 from mcscale.models import BYOL, build_backbone, byol_momentum
 from mcscale.runtime import (
-    JsonlLog,
     RunError,
     StepGuard,
     StopRequested,
@@ -20,7 +19,7 @@ from mcscale.runtime import (
     progress,
     seed_everything,
 )
-from mcscale.stage import load_views, restore_latest, save_checkpoint, start_fresh, stop_message, write_config
+from mcscale.stage import RunLogger, load_views, restore_latest, save_checkpoint, start_fresh, stop_message, write_config
 
 ENCODER_FILE = "encoder.pt"
 
@@ -94,7 +93,7 @@ def run_pretrain(
     components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
     state = restore_latest(out, components, "architecture", arch) if resume else None
     step = state["step"] if state else 0
-    log = JsonlLog(out / "log.jsonl", truncate_after_step=step)
+    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
 
     def checkpoint():
         save_checkpoint(out, step, {
@@ -123,7 +122,7 @@ def run_pretrain(
                       "lr": optimizer.param_groups[0]["lr"], "ema": momentum}
             if not finite:
                 record.update({"nonfinite": True, "indices": batch.index.tolist()})
-            log.write(record)
+            log.step(record)
             bar.update(1)
             bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
             if step % p.checkpoint_every == 0 or step == total or guard.stop_requested:

@@ -13,10 +13,31 @@ import yaml
 from mcscale import config as config_mod
 from mcscale.data.sources import long_tail, load_source
 from mcscale.data.views import InMemoryViews, augment_config
-from mcscale.runtime import RunError, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from mcscale.tb import ScalarWriter
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 KEEP_CHECKPOINTS = 2
+
+
+class RunLogger:
+    """log.jsonl, and TensorBoard when asked; on resume both forget what came after the checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int, tensorboard: bool, resumed: bool):
+        self.jsonl = JsonlLog(Path(run_dir) / "log.jsonl", truncate_after_step=step)
+        self.tb = ScalarWriter(run_dir, tensorboard, purge_step=step if resumed else None)
+
+    def step(self, record: dict) -> None:
+        self.jsonl.write(record)
+        self.tb.step(record)
+
+    def eval(self, step: int, metrics: dict) -> None:
+        self.jsonl.write({"step": step, "eval": metrics})
+        self.tb.eval(step, metrics)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
 
 
 def write_config(out: Path, cfg: config_mod.Config, extra: dict | None = None) -> None:

@@ -1,16 +1,19 @@
 """pretrain -> cluster -> eval through the CLI on the bundled digits, resume, and the run-folder contract."""
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from mcscale.cli import main
 
 # A tiny network so a few optimiser steps take well under a second on a CPU.
-SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128"]
+SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128",
+         "logging.report=false"]
 PRETRAIN = ["--config", "digits_lt", "--cpu", "--batch-size", "128", *SMALL]
 
 
@@ -122,3 +125,32 @@ def test_pretrain_resume_matches_straight_run(tmp_path):
 def test_module_entry_point_version():
     out = subprocess.run([sys.executable, "-m", "mcscale", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("mcscale ")
+
+
+def test_triton_kernels_in_training_match_torch(encoder_dir, tmp_path):
+    """The same run with the Triton kernels (interpreted on the CPU) logs the same losses and weights."""
+    runs = {}
+    for choice in ("torch", "triton"):
+        out = tmp_path / choice
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "mcscale", "cluster", "--config", "digits_lt", "--cpu", "--encoder", str(encoder_dir),
+               "--out", str(out), "--max-steps", "2", *SMALL, "cluster.batch_size=64", "cluster.eval_every=0",
+               "cluster.tau=0.2", f"cluster.kernels={choice}"]
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        runs[choice] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+                        if "eval" not in json.loads(line)]
+    for a, b in zip(runs["torch"], runs["triton"]):
+        assert a["weights"] == b["weights"] and a["n_confident_t"] == b["n_confident_t"]
+        for key in ("loss", "l_r", "l_m", "l_s"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_report_and_tensorboard_at_the_end_of_a_run(encoder_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _cluster(encoder_dir, out, "--max-steps", "2", "cluster.tau=0.2", "logging.report=true",
+                    "logging.tensorboard=true") == 0
+    html = (out / "report" / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html and "<img" in html
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    with np.load(out / "report" / "predictions.npz", allow_pickle=False) as saved:
+        assert saved["features"].shape[0] == saved["labels"].shape[0] == 707

@@ -13,7 +13,8 @@ import torch
 from mcscale import methods
 from mcscale.cli import main
 
-TINY = ["--config", "digits_lt", "--cpu", "--batch-size", "32", "model.proj_hidden=16", "model.proj_dim=8"]
+TINY = ["--config", "digits_lt", "--cpu", "--batch-size", "32", "model.proj_hidden=16", "model.proj_dim=8",
+        "logging.report=false"]
 
 
 def _steps(log_path):
