@@ -3,6 +3,7 @@ with a method from ``mcscale.methods`` (mini | maxi | selflabel), evaluation and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,6 @@ from mcscale.pretrain import build_byol, load_encoder
 from mcscale.runtime import (
     RunError,
     StepGuard,
-    StopRequested,
     atomic_write_json,
     pick_device,
     prepare_out_dir,
@@ -32,7 +32,6 @@ from mcscale.stage import (
     restore_latest,
     save_checkpoint,
     start_fresh,
-    stop_message,
     write_config,
 )
 
@@ -147,10 +146,7 @@ def run_cluster(
             bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
             if c.eval_every and step % c.eval_every == 0 and step < total:
                 log.eval(step, evaluate_model(model, views, labels, class_counts, cfg, k))
-            if step % c.checkpoint_every == 0 or step == total or guard.stop_requested:
-                checkpoint()
-            if guard.stop_requested and step < total:
-                raise StopRequested(stop_message(guard, step, out))
+            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out)
     finally:
         guard.close()
         bar.close()
@@ -168,8 +164,20 @@ def run_cluster(
     return metrics
 
 
-def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
-    """Re-evaluate the latest checkpoint of a clustering run."""
+@dataclass
+class LoadedRun:
+    """A clustering run reloaded from its latest checkpoint, ready to predict."""
+
+    cfg: Config
+    state: dict
+    model: ClusterModel
+    subset: object
+    class_counts: list
+    views: object
+    num_clusters: int
+
+
+def load_cluster_run(run_dir: str | Path, force_cpu: bool = False) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg, extra = read_run_config(run_dir)
     if extra.get("stage") != "cluster":
@@ -177,7 +185,7 @@ def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
     device = pick_device(cfg.device, force_cpu)
     found = latest_checkpoint(run_dir)
     if found is None:
-        raise RunError(f"--run {run_dir}: no checkpoint to evaluate; the run has not reached its first checkpoint")
+        raise RunError(f"--run {run_dir}: no checkpoint; the run has not reached its first checkpoint")
     state, path = found
     subset, class_counts, views = load_views(cfg, device)
     k = extra["num_clusters"]
@@ -185,10 +193,15 @@ def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
     model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
     check_compatible(state["identity"], _identity(cfg, k, arch), path)
     model.load_state_dict(state["model"])
-    final = evaluate_model(model, views, subset.labels, class_counts, cfg, k)
-    final["steps"] = state["step"]
-    final["skipped_batches"] = state["skipped"]
-    metrics = {"kmeans": state["kmeans"], "final": final}
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    return LoadedRun(cfg, state, model, subset, class_counts, views, k)
 
+
+def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
+    """Re-evaluate the latest checkpoint of a clustering run."""
+    run = load_cluster_run(run_dir, force_cpu)
+    final = evaluate_model(run.model, run.views, run.subset.labels, run.class_counts, run.cfg, run.num_clusters)
+    final["steps"] = run.state["step"]
+    final["skipped_batches"] = run.state["skipped"]
+    metrics = {"kmeans": run.state["kmeans"], "final": final}
+    atomic_write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics

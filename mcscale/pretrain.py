@@ -12,14 +12,13 @@ from mcscale.models import BYOL, build_backbone, byol_momentum
 from mcscale.runtime import (
     RunError,
     StepGuard,
-    StopRequested,
     atomic_torch_save,
     pick_device,
     prepare_out_dir,
     progress,
     seed_everything,
 )
-from mcscale.stage import RunLogger, load_views, restore_latest, save_checkpoint, start_fresh, stop_message, write_config
+from mcscale.stage import RunLogger, load_views, restore_latest, save_checkpoint, start_fresh, write_config
 
 ENCODER_FILE = "encoder.pt"
 
@@ -125,10 +124,7 @@ def run_pretrain(
             log.step(record)
             bar.update(1)
             bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
-            if step % p.checkpoint_every == 0 or step == total or guard.stop_requested:
-                checkpoint()
-            if guard.stop_requested and step < total:
-                raise StopRequested(stop_message(guard, step, out))
+            guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out)
     finally:
         guard.close()
         bar.close()

@@ -88,26 +88,14 @@ def load_predictions(run_dir) -> dict[str, np.ndarray] | None:
 
 def compute_predictions(run_dir, force_cpu: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """Clean-view predictions and features of the latest checkpoint, reloaded as ``run_eval`` does."""
-    from mcscale.cluster import _identity, build_cluster_model
+    from mcscale.cluster import load_cluster_run
     from mcscale.evaluate import predict
-    from mcscale.pretrain import build_byol
-    from mcscale.runtime import pick_device
-    from mcscale.stage import check_compatible, latest_checkpoint, load_views, read_run_config
+    from mcscale.stage import checkpoint_paths
 
-    run_dir = Path(run_dir)
-    cfg, extra = read_run_config(run_dir)
-    found = latest_checkpoint(run_dir)
-    if found is None:
+    if not checkpoint_paths(run_dir):
         raise RunError(f"--run {run_dir}: no checkpoint and no {REPORT_DIR}/{PREDICTIONS_FILE}; nothing to predict with")
-    state, path = found
-    device = pick_device(cfg.device, force_cpu)
-    subset, _, views = load_views(cfg, device)
-    k = extra["num_clusters"]
-    arch = state["architecture"]
-    model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
-    check_compatible(state["identity"], _identity(cfg, k, arch), path)
-    model.load_state_dict(state["model"])
-    return prediction_arrays(predict(model, views), subset.labels), int(state["step"])
+    run = load_cluster_run(run_dir, force_cpu)
+    return prediction_arrays(predict(run.model, run.views), run.subset.labels), int(run.state["step"])
 
 
 def _predictions_for_report(run: dict, force_cpu: bool) -> dict[str, np.ndarray] | None:

@@ -188,6 +188,16 @@ class StepGuard:
             )
         return False
 
+    def end_of_step(self, step: int, total: int, every: int, save, run_dir) -> None:
+        """Checkpoint on schedule, at the end, or when asked to stop; then stop if asked."""
+        if step % every == 0 or step == total or self.stop_requested:
+            save()
+        if self.stop_requested and step < total:
+            raise StopRequested(
+                f"stopped by {self.signal_name} at step {step}; checkpoint written to {run_dir};"
+                " continue with the same command plus --resume"
+            )
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

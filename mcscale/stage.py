@@ -133,13 +133,6 @@ def restore_latest(run_dir: Path, components: dict, identity_key: str, identity:
     return state
 
 
-def stop_message(guard, step: int, run_dir: Path) -> str:
-    return (
-        f"stopped by {guard.signal_name} at step {step}; checkpoint written to {run_dir};"
-        " continue with the same command plus --resume"
-    )
-
-
 def check_compatible(saved: dict, expected: dict, path: Path) -> None:
     for key, value in expected.items():
         if key in saved and saved[key] != value:
