@@ -1,0 +1,464 @@
+"""Exact global-batch statistics under data parallelism (issue 5; METHOD.md sections 3, 4 and 7).
+
+With world size W and global batch B, every rank holds B / W rows. The per-batch quantities of the
+methods (contingency counts, loss denominators, balanced-CE class counts, the L_s Gram matrices, the
+P2OT plan) are statistics of the GLOBAL batch: here they are summed (or gathered) across ranks so that
+every number equals the one a single process holding all B rows computes. Without an initialised
+``torch.distributed`` process group (world size 1) every function reduces to the plain reference of
+``mcscale.objectives`` and issues no collective.
+
+Scaling convention (read this before wiring a trainer)
+------------------------------------------------------
+Every loss returned here is a tensor whose
+
+* value is the loss of the global batch, identical on every rank: log it as it is;
+* gradient is ``grad_scale`` times the gradient of that global loss with respect to this rank's
+  rows, ``grad_scale`` = W by default.
+
+DDP (and Accelerate's ``accelerator.backward`` on a DDP model) AVERAGES parameter gradients over the
+W ranks, so the applied gradient is (1/W) sum_r W dL/dtheta|_(rows of r) = dL/dtheta, exactly the
+single-process gradient. Do not divide these losses by W and do not scale them again; losses built
+from them linearly (L_r + alpha L_m + beta L_s) keep both properties. A trainer that SUMS gradients
+over ranks instead of averaging them passes ``grad_scale=1``.
+
+Whether a batch is skipped (empty confident set) is decided from the global counts returned here,
+so every rank takes the same decision and no rank waits in a collective the others skipped.
+
+Communication accounting: every collective issued here records the bytes of the tensor this rank
+hands to it in a :class:`CommCounter` (the module's ``COMM`` unless one is passed); the trainer logs
+``COMM.take()`` once per step. That is the message size: a ring all-reduce puts about 2 (W-1)/W times
+it on the wire per rank, an all-gather receives W - 1 times it.
+
+Tensors must live where the backend expects them (CPU for gloo, the rank's GPU for nccl).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mcscale import objectives as obj
+from mcscale.p2ot import p2ot_plan
+
+__all__ = [
+    "CommCounter",
+    "COMM",
+    "world_size",
+    "rank",
+    "all_reduce_sum",
+    "all_gather_cat",
+    "all_gather_with_grad",
+    "shard_batch",
+    "global_contingency",
+    "global_confident_cross_entropy",
+    "similarity_messages",
+    "choose_similarity_method",
+    "global_similarity_alignment",
+    "global_long_tail_cross_entropy",
+    "global_soft_cross_entropy",
+    "global_p2ot_plan",
+]
+
+SIMILARITY_METHODS = ("auto", "gram", "gather")
+
+
+# ---------------------------------------------------------------- accounting
+@dataclass
+class CommCounter:
+    """Bytes (and number) of the collectives issued since the last ``take``/``reset``."""
+
+    bytes: int = 0
+    calls: int = 0
+
+    def record(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+    def take(self) -> int:
+        """The bytes since the last take, then zero: call once per step for a per-step figure."""
+        nbytes = self.bytes
+        self.reset()
+        return nbytes
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+
+COMM = CommCounter()
+
+
+def _counter(counter: CommCounter | None) -> CommCounter:
+    return COMM if counter is None else counter
+
+
+# ---------------------------------------------------------------- process group and collectives
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _initialised() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _initialised() else 0
+
+
+def _grad_scale(grad_scale: float | None) -> float:
+    """W by default: DDP averages gradients over the W ranks (see the module docstring)."""
+    return float(world_size()) if grad_scale is None else float(grad_scale)
+
+
+def all_reduce_sum(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """A new, detached tensor holding the sum of ``t`` over all ranks (a copy at world size 1)."""
+    out = t.detach().clone()
+    if world_size() == 1:
+        return out
+    _counter(counter).record(out)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def _gather_sizes(rows: int, device: torch.device, counter: CommCounter | None) -> list[int]:
+    """Every rank's row count, in rank order (identical on every rank)."""
+    if world_size() == 1:
+        return [rows]
+    local = torch.tensor([rows], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(world_size())]
+    _counter(counter).record(local)
+    dist.all_gather(sizes, local)
+    return [int(s) for s in sizes]
+
+
+def _gather_rows(t: torch.Tensor, sizes: list[int], counter: CommCounter | None) -> torch.Tensor:
+    """Concatenation of every rank's rows (detached); all_gather needs equal shapes, so pad to the max."""
+    local = t.detach()
+    if world_size() == 1:
+        return local
+    longest = max(sizes)
+    if longest == 0:  # every rank agrees on this (same sizes): skip the empty collective
+        return local
+    pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
+    send = torch.cat([local, pad]).contiguous()
+    parts = [torch.empty_like(send) for _ in sizes]
+    _counter(counter).record(send)
+    dist.all_gather(parts, send)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _offset(sizes: list[int]) -> int:
+    """Index of this rank's first row in the gathered (rank-ordered) matrix."""
+    return sum(sizes[: rank()])
+
+
+def all_gather_cat(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """Rows of every rank concatenated in rank order (detached); ranks may hold different row counts.
+
+    Two collectives: the row counts (8 bytes per rank), then the rows padded to the longest rank.
+    """
+    return _gather_rows(t, _gather_sizes(t.shape[0], t.device, counter), counter)
+
+
+def _splice(full: torch.Tensor, local: torch.Tensor, start: int) -> torch.Tensor:
+    """``full`` with rows [start, start + len(local)) replaced by ``local`` (which keeps its graph)."""
+    return torch.cat([full[:start], local, full[start + local.shape[0]:]])
+
+
+def all_gather_with_grad(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """``all_gather_cat`` whose local rows stay connected to ``t``'s graph (no backward collective).
+
+    Meant for a loss that every rank evaluates identically on the gathered matrix: its gradient with
+    respect to the local rows is then exactly the global loss's gradient for those rows (scale it by
+    W for DDP, as the losses here do). The other ranks' rows are constants here.
+    """
+    sizes = _gather_sizes(t.shape[0], t.device, counter)
+    return _splice(_gather_rows(t, sizes, counter), t, _offset(sizes))
+
+
+def shard_batch(index_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """The contiguous slice of a global batch (e.g. sample indices of one global permutation) that
+    rank ``rank`` of ``world`` holds: rows [rank * B/W, (rank + 1) * B/W)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_batch: need 0 <= rank < world, got rank {rank} and world {world}")
+    batch = index_tensor.shape[0]
+    if batch % world:
+        raise ValueError(
+            f"shard_batch: global batch size {batch} is not divisible by the world size {world}; "
+            f"use a batch size that is a multiple of {world}"
+        )
+    per_rank = batch // world
+    return index_tensor[rank * per_rank:(rank + 1) * per_rank]
+
+
+def _ddp_loss(local_part: torch.Tensor, global_value: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """A tensor whose value is ``global_value`` and whose gradient is grad_scale * d local_part.
+
+    ``scaled - scaled.detach()`` is exactly zero, so the logged value is the global value bit for bit.
+    """
+    scaled = local_part * grad_scale
+    return scaled - scaled.detach() + global_value.detach().to(scaled.dtype)
+
+
+def _accum_dtype(x: torch.Tensor) -> torch.dtype:
+    """As in mcscale.objectives: float64 stays float64, lower precisions reduce in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- contingency (METHOD section 3)
+def global_contingency(
+    target_labels: torch.Tensor,
+    aux_labels: torch.Tensor,
+    num_target: int,
+    num_aux: int,
+    counter: CommCounter | None = None,
+) -> torch.Tensor:
+    """The K x M counts of the global batch: local counts summed over ranks (int64, K M 8 bytes).
+
+    Sum before ``class_weights``: the weights are a nonlinear function of the counts.
+    """
+    return all_reduce_sum(obj.contingency(target_labels, aux_labels, num_target, num_aux), counter)
+
+
+# ---------------------------------------------------------------- L_r / L_m (METHOD section 4)
+def _confident(pseudo_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask max p > tau (strict) and argmax labels, as objectives.confident_cross_entropy."""
+    with torch.no_grad():
+        probs = torch.softmax(pseudo_logits.detach().to(_accum_dtype(pseudo_logits)), dim=1)
+        confidence, labels = probs.max(dim=1)
+        return confidence > tau, labels
+
+
+def _class_factors(counts: torch.Tensor, class_weight, balance: bool, dtype, device) -> torch.Tensor:
+    """Per-class weight w_c (times the balanced factor |S| / n_c of the GLOBAL confident set)."""
+    factors = torch.ones(counts.shape[0], dtype=dtype, device=device)
+    if class_weight is not None:
+        factors = factors * class_weight.detach().to(device=device, dtype=dtype)
+    if balance:  # float32, as the reference computes it
+        per_class = counts.to(torch.float32)
+        factors = factors * (per_class.sum() / per_class.clamp_min(1.0)).to(dtype)
+    return factors
+
+
+def global_confident_cross_entropy(
+    logits: torch.Tensor,
+    pseudo_logits: torch.Tensor,
+    tau: float,
+    class_weight: torch.Tensor | None = None,
+    balance: bool = False,
+    normalize: str = "weight_sum",
+    grad_scale: float | None = None,
+    counter: CommCounter | None = None,
+) -> tuple[torch.Tensor, int]:
+    """``objectives.confident_cross_entropy`` of the global batch: returns ``(loss, |S| global)``.
+
+    One all-reduce (float64, 2 C values): per-class counts of the local confident set and per-class
+    sums of its NLL. The counts give |S|, the balanced factors and the weight-sum denominator
+    (sum_c n_c w_c); the NLL sums give the global value for logging. The local surrogate
+    sum_{i in S_r} w_i nll_i / denominator carries the gradient (times ``grad_scale``, see the module
+    docstring). An empty global S gives a zero connected to ``logits`` and 0.
+    """
+    if normalize not in obj.NORMALIZATIONS:
+        raise ValueError(f"global_confident_cross_entropy: normalize must be one of {obj.NORMALIZATIONS}")
+    if world_size() == 1:
+        return obj.confident_cross_entropy(logits, pseudo_logits, tau, class_weight, balance, normalize)
+    mask, labels = _confident(pseudo_logits, tau)
+    dtype, num_classes = _accum_dtype(logits), logits.shape[1]
+    nll = -F.log_softmax(logits.to(dtype), dim=1).gather(1, labels[:, None]).squeeze(1)
+    chosen, chosen_nll = labels[mask], nll[mask]
+    counts = torch.bincount(chosen, minlength=num_classes).to(torch.float64)
+    nll_sums = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+    nll_sums.index_add_(0, chosen, chosen_nll.detach().to(torch.float64))
+    counts, nll_sums = all_reduce_sum(torch.cat([counts, nll_sums]), counter).split(num_classes)
+    num_selected = int(counts.sum())
+    if num_selected == 0:
+        return logits.sum() * 0.0, 0
+    factors = _class_factors(counts, class_weight, balance, dtype, logits.device)
+    if normalize == "weight_sum":
+        denom = (counts.to(dtype) * factors).sum()
+    else:
+        denom = torch.tensor(float(num_selected), dtype=dtype, device=logits.device)
+    local = (factors[chosen] * chosen_nll).sum() / denom
+    value = (factors.to(torch.float64) * nll_sums).sum() / denom.to(torch.float64)
+    return _ddp_loss(local, value, _grad_scale(grad_scale)), num_selected
+
+
+# ---------------------------------------------------------------- L_s (METHOD section 4)
+def similarity_messages(n_global: int, num_target: int, num_aux: int) -> dict:
+    """Elements each strategy moves: gather = N (K + M) rows, gram = K^2 + M^2 + K M Gram entries."""
+    k, m = num_target, num_aux
+    return {"gather": n_global * (k + m), "gram": k * k + m * m + k * m}
+
+
+def choose_similarity_method(n_global: int, num_target: int, num_aux: int) -> str:
+    """The smaller message: gather the probabilities when N (K + M) < K^2 + M^2 + K M, else Grams."""
+    sizes = similarity_messages(n_global, num_target, num_aux)
+    return "gather" if sizes["gather"] < sizes["gram"] else "gram"
+
+
+def _grams(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return a.T @ a, b.T @ b, a.T @ b
+
+
+def _gram_loss(gt: torch.Tensor, gm: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """sum (A A^T - B B^T)^2 = ||A^T A||^2 + ||B^T B||^2 - 2 ||A^T B||^2 (no N x N matrix)."""
+    return (gt * gt).sum() + (gm * gm).sum() - 2.0 * (gx * gx).sum()
+
+
+def _alignment_by_gram(a, b, n_global: int, grad_scale: float, counter) -> torch.Tensor:
+    """Sum the three Grams over ranks (one all-reduce); with G = sum_r G_r, d||G||^2 / dG_r = 2 G, so
+    the local surrogate 2 (<Gt, gt> + <Gm, gm> - 2 <Gx, gx>) / N^2 has the global gradient."""
+    local = _grams(a, b)
+    flat = torch.cat([g.detach().reshape(-1) for g in local])
+    summed = all_reduce_sum(flat, counter).split([g.numel() for g in local])
+    total = [s.view_as(g) for s, g in zip(summed, local)]
+    norm = float(n_global) ** 2
+    value = _gram_loss(*total) / norm
+    gt, gm, gx = local
+    linear = 2.0 * ((total[0] * gt).sum() + (total[1] * gm).sum() - 2.0 * (total[2] * gx).sum()) / norm
+    return _ddp_loss(linear, value, grad_scale)
+
+
+def _alignment_by_gather(a, b, sizes: list[int], grad_scale: float, counter) -> torch.Tensor:
+    """Gather both heads' rows in one message and evaluate the global loss identically on every rank;
+    only the local rows carry gradient, which is then the global gradient for those rows."""
+    k, start = a.shape[1], _offset(sizes)
+    full = _gather_rows(torch.cat([a, b], dim=1), sizes, counter)
+    full_a = _splice(full[:, :k], a, start)
+    full_b = _splice(full[:, k:], b, start)
+    loss = _gram_loss(*_grams(full_a, full_b)) / float(sum(sizes)) ** 2
+    return _ddp_loss(loss, loss, grad_scale)
+
+
+def global_similarity_alignment(
+    probs_t: torch.Tensor,
+    probs_m: torch.Tensor,
+    normalize_rows: bool = True,
+    method: str = "auto",
+    grad_scale: float | None = None,
+    counter: CommCounter | None = None,
+) -> torch.Tensor:
+    """``objectives.similarity_alignment`` of the global batch (value = global L_s, gradient per the
+    module's convention). ``method``: "gram" (all-reduce K^2 + M^2 + K M entries), "gather"
+    (all-gather the N x (K + M) rows) or "auto" (the smaller message, ``choose_similarity_method``).
+    Both first gather the row counts (8 bytes per rank) for N_global and the choice.
+    """
+    if method not in SIMILARITY_METHODS:
+        raise ValueError(f"global_similarity_alignment: method must be one of {SIMILARITY_METHODS}")
+    if probs_t.shape[0] != probs_m.shape[0]:
+        raise ValueError("global_similarity_alignment: both heads need the same number of rows")
+    if world_size() == 1:
+        return obj.similarity_alignment(probs_t, probs_m, normalize_rows)
+    dtype = _accum_dtype(probs_t)
+    a, b = probs_t.to(dtype), probs_m.to(dtype)
+    if normalize_rows:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    sizes = _gather_sizes(a.shape[0], a.device, counter)
+    n_global = sum(sizes)
+    if n_global == 0:
+        return (probs_t.sum() + probs_m.sum()) * 0.0
+    if method == "auto":
+        method = choose_similarity_method(n_global, a.shape[1], b.shape[1])
+    scale = _grad_scale(grad_scale)
+    if method == "gather":
+        return _alignment_by_gather(a, b, sizes, scale, counter)
+    return _alignment_by_gram(a, b, n_global, scale, counter)
+
+
+# ---------------------------------------------------------------- weighted means (CB / BALMS / EQL, P2OT CE)
+def _global_weighted_mean(values, weights, anchor, grad_scale, counter) -> torch.Tensor:
+    """sum_i w_i v_i / sum_i w_i over the global batch (w = 1: the global mean). One all-reduce of
+    [numerator, denominator] in the values' dtype; a zero denominator gives a zero connected to anchor."""
+    w = torch.ones_like(values) if weights is None else weights.detach().to(values.dtype)
+    numerator = (w * values).sum()
+    total = all_reduce_sum(torch.stack([numerator.detach(), w.sum()]), counter)
+    if float(total[1]) == 0.0:
+        return anchor.sum() * 0.0
+    return _ddp_loss(numerator / total[1], total[0] / total[1], _grad_scale(grad_scale))
+
+
+def _long_tail_terms(z, y, n, variant: str, gamma: float, num_aux):
+    """Per-sample losses and weights of objectives.long_tail_cross_entropy (weights None: plain mean)."""
+    if variant == "cb":
+        weight = (1.0 - gamma) / (1.0 - torch.pow(torch.as_tensor(gamma, dtype=z.dtype), n))
+        return -F.log_softmax(z, dim=1).gather(1, y[:, None]).squeeze(1), weight[y]
+    if variant == "balms":
+        return F.cross_entropy(z + torch.log(n / n.sum()), y, reduction="none"), None
+    scale = n.max() if num_aux is None else torch.as_tensor(float(num_aux), dtype=z.dtype)
+    log_p_y = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z + torch.log(scale / n), dim=1)
+    return -log_p_y, None
+
+
+def global_long_tail_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mini_counts: torch.Tensor,
+    variant: str = "cb",
+    gamma: float = 0.999,
+    mask: torch.Tensor | None = None,
+    num_aux: int | None = None,
+    grad_scale: float | None = None,
+    counter: CommCounter | None = None,
+) -> torch.Tensor:
+    """``objectives.long_tail_cross_entropy`` of the global batch: CB a global weighted mean, BALMS
+    and EQL a global mean over the selected rows (2 values all-reduced). ``mini_counts`` must be
+    identical on every rank (derive it from ``global_contingency``)."""
+    if variant not in obj.LONG_TAIL_VARIANTS:
+        raise ValueError(f"global_long_tail_cross_entropy: variant must be one of {obj.LONG_TAIL_VARIANTS}")
+    if world_size() == 1:
+        return obj.long_tail_cross_entropy(logits, targets, mini_counts, variant, gamma, mask, num_aux)
+    dtype = _accum_dtype(logits)
+    z = logits.to(dtype)
+    n = mini_counts.detach().to(device=z.device, dtype=dtype).clamp_min(1e-12)
+    if mask is not None:
+        z, targets = z[mask], targets[mask]
+    per_sample, weights = _long_tail_terms(z, targets.long(), n, variant, gamma, num_aux)
+    return _global_weighted_mean(per_sample, weights, logits, _grad_scale(grad_scale), counter)
+
+
+def global_soft_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    grad_scale: float | None = None,
+    counter: CommCounter | None = None,
+) -> torch.Tensor:
+    """P2OT's soft-target cross-entropy (``methods.P2OT.soft_ce``) over the global batch: the global
+    mean, or with per-cluster ``weights`` the weighted mean with w_i = weights[argmax target_i]."""
+    per_sample = -(target * F.log_softmax(logits.float(), dim=1)).sum(1)
+    w = None if weights is None else weights[target.argmax(1)]
+    return _global_weighted_mean(per_sample, w, logits, _grad_scale(grad_scale), counter)
+
+
+# ---------------------------------------------------------------- P2OT (METHOD section 7)
+def global_p2ot_plan(
+    local_logits: torch.Tensor,
+    rho: float,
+    buffer: torch.Tensor | None = None,
+    counter: CommCounter | None = None,
+    **solver_options,
+) -> tuple[torch.Tensor, dict]:
+    """The P2OT plan of the global batch, solved over [buffer; rows of every rank in rank order].
+
+    Returns ``(plan rows of this rank, state)``; ``state`` is ``p2ot_plan``'s (pass it back as
+    ``warm_start``) plus ``"global_logits"``, the gathered detached batch: push that into the FIFO
+    ``buffer`` (capacity = buffer_batches x the GLOBAL batch), so the buffer stays identical on every
+    rank without a second gather. ``solver_options`` go to ``p2ot_plan`` (eps, lam, max_iter, tol,
+    warm_start, hard_marginal).
+
+    Cost: one all-gather of the N_global x K logits (plus 8 bytes for the row counts); then every rank
+    solves the same full problem, O(iterations x (buffer + N_global) x K) work and (buffer + N_global)
+    x K float64 memory per rank, i.e. the single-process cost, not divided by W. A Sinkhorn with
+    row-sharded kernels would split the work but needs a K-vector all-reduce per iteration (up to
+    max_iter latency-bound rounds); for K up to about 1000 and a 10-batch buffer the redundant solve is
+    cheaper and gives bit-identical plans and warm starts on every rank.
+    """
+    sizes = _gather_sizes(local_logits.shape[0], local_logits.device, counter)
+    current = _gather_rows(local_logits, sizes, counter)
+    pool = current if buffer is None else torch.cat([buffer.to(current.device, current.dtype), current])
+    plan, state = p2ot_plan(pool, rho, **solver_options)
+    start = pool.shape[0] - current.shape[0] + _offset(sizes)
+    return plan[start:start + local_logits.shape[0]], {**state, "global_logits": current}
