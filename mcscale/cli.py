@@ -13,7 +13,7 @@ from pathlib import Path
 from mcscale import __version__
 
 
-BENCHMARKS = {"p2ot": "mcscale.bench_p2ot", "kernels": "mcscale.bench_kernels"}
+BENCHMARKS = {"p2ot": "mcscale.bench_p2ot", "kernels": "mcscale.bench_kernels", "data": "mcscale.bench_data"}
 
 
 def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, "cluster")
     p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    from mcscale.shards.prepare import add_parser as add_prepare_parser
+
+    add_prepare_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks: the P2OT solver or the head-objective kernels")
     p.add_argument("target", choices=sorted(BENCHMARKS), help="what to time")
@@ -113,6 +117,10 @@ def _dispatch(args) -> int:
         from mcscale.compare import compare_runs
 
         print(compare_runs(args.runs))
+    elif args.command == "prepare":
+        from mcscale.shards.prepare import run as run_prepare
+
+        return run_prepare(args)
     elif args.command == "bench":
         import importlib
 
