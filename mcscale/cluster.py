@@ -79,7 +79,7 @@ def run_cluster(
 ) -> dict:
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
-    subset, class_counts, views = load_views(cfg, device)
+    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size)
     k = check_against_data(cfg, len(views), subset.num_classes)
     out = prepare_out_dir(out_dir)
     if not resume:
@@ -187,7 +187,7 @@ def load_cluster_run(run_dir: str | Path, force_cpu: bool = False) -> LoadedRun:
     if found is None:
         raise RunError(f"--run {run_dir}: no checkpoint; the run has not reached its first checkpoint")
     state, path = found
-    subset, class_counts, views = load_views(cfg, device)
+    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size)
     k = extra["num_clusters"]
     arch = state["architecture"]
     model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)

@@ -31,7 +31,9 @@ class DataConfig:
     n_max: typing.Optional[int] = None  # head-class size; default: the smallest class size
     load_size: typing.Optional[int] = None  # decode size for image-file sources (default 64)
     image_size: typing.Optional[int] = None  # size of the views fed to the network; default: as stored
-    num_workers: int = 0  # decoding workers for image-file sources
+    num_workers: int = 0  # decoding workers for image-file sources; DataLoader workers / DALI threads for shards
+    loader: str = "tensor"  # tensor (in memory, batched augmentation) | webdataset | dali (need data.shards)
+    shards: typing.Optional[str] = None  # folder written by `mcscale prepare`
 
 
 @dataclass
@@ -143,6 +145,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data.source": ("digits", "mnist", "cifar10", "cifar20", "cifar100", "stl10", "imagefolder", "imagelist", "embeddings"),
     "data.split": ("train", "test"),
+    "data.loader": ("tensor", "webdataset", "dali"),
     "model.backbone": ("resnet18", "resnet50", "small_cnn", "mlp"),
     "pretrain.ema_schedule": ("cosine", "constant"),
     "cluster.method": ("mini", "maxi", "selflabel", "p2ot"),
@@ -322,6 +325,7 @@ def validate(cfg: Config) -> None:
         _check(flat[key] > 0, f"{key}: {flat[key]} must be positive")
     _check(0.0 < cfg.pretrain.ema <= 1.0, f"pretrain.ema: {cfg.pretrain.ema} must lie in (0, 1]")
     _check(0.0 < c.cb_gamma < 1.0, f"cluster.cb_gamma: {c.cb_gamma} must lie in (0, 1)")
+    _check(cfg.data.loader == "tensor" or cfg.data.shards, f"data.loader: {cfg.data.loader} reads shards; set data.shards to a folder written by `mcscale prepare`")
     ratio = cfg.data.imbalance_ratio
     _check(ratio is None or ratio >= 1.0, f"data.imbalance_ratio: {ratio} must be >= 1 (or null to keep every sample)")
     a = cfg.augment

@@ -14,15 +14,21 @@ def predict(model, views) -> dict:
     """Target / auxiliary head assignments and encoder features of every sample, in dataset order."""
     was_training = model.training
     model.eval()
-    pred_t, pred_m, feats = [], [], []
-    for _, x in views.clean_batches():
+    n = len(views)
+    out = None
+    # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
+    for index, x in views.clean_batches():
         f = model.features(x)
         logits_t, logits_m = model.heads(f)
-        pred_t.append(logits_t.argmax(1).cpu())
-        pred_m.append(logits_m.argmax(1).cpu())
-        feats.append(f.cpu())
+        if out is None:
+            out = {"target": torch.zeros(n, dtype=torch.long), "aux": torch.zeros(n, dtype=torch.long),
+                   "features": torch.zeros(n, f.shape[1], dtype=f.dtype)}
+        index = index.cpu()
+        out["target"][index] = logits_t.argmax(1).cpu()
+        out["aux"][index] = logits_m.argmax(1).cpu()
+        out["features"][index] = f.cpu()
     model.train(was_training)
-    return {"target": torch.cat(pred_t), "aux": torch.cat(pred_m), "features": torch.cat(feats)}
+    return out
 
 
 def full_metrics(y_true, y_pred, class_counts) -> dict:

@@ -76,7 +76,7 @@ def run_pretrain(
         start_fresh(out, overwrite)
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
-    subset, counts, views = load_views(cfg, device)
+    subset, counts, views = load_views(cfg, device, cfg.pretrain.batch_size)
     write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
     arch = architecture(cfg, views)
     byol = build_byol(arch).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,35 @@ def read_run_config(run_dir: Path) -> tuple[config_mod.Config, dict]:
     return config_mod.from_dict(values), extra
 
 
-def load_views(cfg: config_mod.Config, device: torch.device):
-    """The long-tailed subset of the configured source, as in-memory views on ``device``."""
+@dataclass
+class ShardedSubset:
+    """What the stages need of a prepared (sharded) subset: its labels and number of classes."""
+
+    labels: np.ndarray
+    num_classes: int
+
+
+def _load_sharded_views(cfg: config_mod.Config, device: torch.device, batch_size: int):
+    from mcscale.shards.batch import StreamViews
+    from mcscale.shards.loaders import build_loader
+
     d = cfg.data
+    loader = build_loader(
+        d.loader, d.shards, batch_size, num_workers=d.num_workers, augment=augment_config(cfg.augment),
+        image_size=d.image_size, seed=cfg.seed,
+    )
+    views = StreamViews(loader, device)
+    labels = views.labels.numpy()
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1).tolist()
+    return ShardedSubset(labels, len(counts)), counts, views
+
+
+def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | None = None):
+    """The long-tailed subset of the configured source: in-memory views on ``device`` (data.loader
+    tensor), or a sharded loader's stream (webdataset / dali) built for ``batch_size``."""
+    d = cfg.data
+    if d.loader != "tensor":
+        return _load_sharded_views(cfg, device, batch_size or cfg.cluster.batch_size)
     source = load_source(
         d.source, d.root, image_size=d.load_size, split=d.split, labels_file=d.labels_file, num_workers=d.num_workers
     )

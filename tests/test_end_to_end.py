@@ -154,3 +154,25 @@ def test_report_and_tensorboard_at_the_end_of_a_run(encoder_dir, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     with np.load(out / "report" / "predictions.npz", allow_pickle=False) as saved:
         assert saved["features"].shape[0] == saved["labels"].shape[0] == 707
+
+
+@pytest.mark.parametrize("loader", ["webdataset", "dali"])
+def test_sharded_loaders_drive_both_stages(tmp_path, loader):
+    shards = tmp_path / "shards"
+    assert main(["prepare", "--source", "digits", "--shard-size", "200", "--out", str(shards)]) == 0
+    data = [f"data.loader={loader}", f"data.shards={shards}", "data.num_workers=0" if loader == "webdataset" else "data.num_workers=1"]
+    enc = tmp_path / "enc"
+    assert main(["pretrain", *PRETRAIN, "--out", str(enc), "--max-steps", "2", *data]) == 0
+    out = tmp_path / "run"
+    assert _cluster(enc, out, "--max-steps", "2", "cluster.tau=0.2", *data) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["final"]["per_class"]) == 10
+    assert 0.2 < metrics["kmeans"]["acc"] <= 1.0  # predictions were placed back by dataset index
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "eval" not in r] == [1, 2]
+
+
+def test_sharded_loader_needs_shards(capsys, tmp_path):
+    code = main(["pretrain", *PRETRAIN, "--out", str(tmp_path / "o"), "data.loader=webdataset"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.shards" in err
