@@ -283,5 +283,4 @@ def write_report(run_dir, predictions: dict | None = None, step: int | None = No
     figures = make_figures(run, predictions, projection)
     path = run["dir"] / REPORT_DIR / "report.html"
     atomic_write_bytes(path, _html(run, figures).encode("utf-8"))
-    path.chmod(0o644)  # the temp file is private (0600); a report is meant to be shared
     return path

@@ -136,8 +136,12 @@ class DaliLoader:
 
         names = (["x1", "x2"] if train else []) + (["clean"] if self.with_clean or not train else []) + ["cls", "idx"]
 
+        # On the CPU run synchronously: the asynchronous executor was seen to hang or abort once
+        # under heavy load on a 2-core machine, and there is no GPU work to overlap with anyway.
+        on_gpu = self.device_id is not None
         @pipeline_def(batch_size=batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      seed=seed % 2**31, prefetch_queue_depth=2)
+                      seed=seed % 2**31, prefetch_queue_depth=2 if on_gpu else 1,
+                      exec_async=on_gpu, exec_pipelined=on_gpu)
         def pipe():
             return self._graph(train, shard_id)
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mcscale.data.sources import DataError
+from mcscale.runtime import atomic_write_bytes
 
 FORMAT = "mcscale-shards/1"
 MANIFEST = "manifest.json"
@@ -57,29 +56,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same folder, fsync, then rename: a kill never leaves a
-    half-written file under the final name. Files get the usual 0666 & ~umask mode (mkstemp's 0600
-    would hide a shared dataset from other users)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# written under a temporary name and renamed (see mcscale.runtime)
+atomic_write = atomic_write_bytes
 
 
 # ---------------------------------------------------------------- tar writing / reading
