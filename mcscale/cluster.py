@@ -115,7 +115,10 @@ def run_cluster(
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
         })
 
-    bar = progress(total=total, initial=step, desc=f"cluster[{c.method}]", unit="step")
+    # counted in images so the bar shows throughput (img/s) beside the time remaining
+    images_per_step = min(c.batch_size, len(views))
+    bar = progress(total=total * images_per_step, initial=step * images_per_step, desc=f"cluster[{c.method}]",
+                   unit="img", unit_scale=True)
     guard = StepGuard(cfg.max_nonfinite_steps)
     model.train()
     try:
@@ -142,7 +145,7 @@ def run_cluster(
             if result.weights is not None:
                 record["weights"] = [round(float(w), 4) for w in result.weights]
             log.step(record)
-            bar.update(1)
+            bar.update(images_per_step)
             bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
             if c.eval_every and step % c.eval_every == 0 and step < total:
                 log.eval(step, evaluate_model(model, views, labels, class_counts, cfg, k))

@@ -100,7 +100,10 @@ def run_pretrain(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         })
 
-    bar = progress(total=total, initial=step, desc="BYOL", unit="step")
+    # counted in images so the bar shows throughput (img/s) beside the time remaining
+    images_per_step = min(p.batch_size, len(views))
+    bar = progress(total=total * images_per_step, initial=step * images_per_step, desc="BYOL", unit="img",
+                   unit_scale=True)
     guard = StepGuard(cfg.max_nonfinite_steps)
     byol.train()
     try:
@@ -122,7 +125,7 @@ def run_pretrain(
             if not finite:
                 record.update({"nonfinite": True, "indices": batch.index.tolist()})
             log.step(record)
-            bar.update(1)
+            bar.update(images_per_step)
             bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
             guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out)
     finally:

@@ -117,12 +117,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; a truncated newer one is skipped with a notice."""
+    """The newest checkpoint that loads. A newer one that does not (truncated, or not plain tensors)
+    is renamed to ``*.pt.unusable`` with a notice: kept for inspection, out of the way of the
+    keep-the-last-two pruning of the run that now continues."""
     for _, path in reversed(checkpoint_paths(run_dir)):
         try:
             return safe_torch_load(path), path
         except RunError as err:
-            print(f"mcscale: skipping checkpoint {path.name}: {err}")
+            aside = path.with_name(path.name + ".unusable")
+            path.rename(aside)
+            print(f"mcscale: skipping checkpoint {path.name} (renamed to {aside.name}): {err}")
     return None
 
 
