@@ -87,8 +87,6 @@ def run_cluster(
     labels = subset.labels
     encoder, arch = load_encoder(encoder_dir, device)
     model = build_cluster_model(cfg, encoder, arch, device, k)
-    write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
-                            "num_samples": len(views), "class_counts": class_counts})
     identity = _identity(cfg, k, arch)
     c = cfg.cluster
     per_epoch = views.steps_per_epoch(c.batch_size)
@@ -98,6 +96,9 @@ def run_cluster(
 
     components = {"model": model, "optimizer": optimizer, "method": method}
     state = restore_latest(out, components, "identity", identity) if resume else None
+    # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
+    write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
+                            "num_samples": len(views), "class_counts": class_counts})
     if state:
         step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
     else:

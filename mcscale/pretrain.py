@@ -77,7 +77,6 @@ def run_pretrain(
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
     subset, counts, views = load_views(cfg, device, cfg.pretrain.batch_size)
-    write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
     arch = architecture(cfg, views)
     byol = build_byol(arch).to(device)
     p = cfg.pretrain
@@ -91,6 +90,7 @@ def run_pretrain(
 
     components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
     state = restore_latest(out, components, "architecture", arch) if resume else None
+    write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
     step = state["step"] if state else 0
     log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
 
