@@ -9,12 +9,10 @@ the tensor loader measured in the same run. Epochs include the WebDataset loader
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -165,19 +163,3 @@ HEADER = " ".join(c.rjust(w) if w else c for c, w in _COLUMNS)
 
 def format_row(row: dict) -> str:
     return " ".join(str(row[c]).rjust(w) if w else str(row[c]) for c, w in _COLUMNS).rstrip()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mcscale bench data", description=__doc__.splitlines()[0])
-    default = "benchmarks/data.csv" if torch.cuda.is_available() else "benchmarks/data_cpu.csv"
-    parser.add_argument("--out", default=default, help=f"CSV to write (default {default})")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per loader after the warm-up")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU)")
-    args = parser.parse_args(argv)
-    run(args.out, device=args.device, repeats=args.repeats, threads=args.threads)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,12 +11,11 @@ weights from view-1 argmaxes, weight-sum normalisation, class-balanced L_m, cosi
 
 Timing: median over ``repeats`` steps after two warm-up steps (CUDA events on CUDA, wall clock on
 CPU); the first step's time (compilation included) is kept as ``first_ms``. Every row records the device
-and the torch / triton versions. ``python -m mcscale.bench_kernels --out FILE --repeats R``.
+and the torch / triton versions. ``mcscale bench kernels [--out FILE] [--repeats R] [--threads T]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import logging
@@ -256,19 +255,3 @@ def format_table(rows: list[dict]) -> str:
     head = f"device: {rows[0]['device']} | torch {rows[0]['torch']} | triton {rows[0]['triton']}"
     names = " ".join(("speedup" if c == "speedup_vs_eager" else c).rjust(w) if w else c for c, w in _COLUMNS)
     return "\n".join([head, names] + [_format_row(r) for r in rows])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mcscale bench kernels", description=__doc__.splitlines()[0])
-    default = "benchmarks/kernels.csv" if torch.cuda.is_available() else "benchmarks/kernels_cpu.csv"
-    parser.add_argument("--out", default=default, help=f"CSV to write (default {default})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant after the warm-up")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: unchanged)")
-    args = parser.parse_args(argv)
-    run(args.out, device=args.device, repeats=args.repeats, threads=args.threads)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Timing of the P2OT solver (``mcscale.p2ot.p2ot_plan``) at N = 5120, cold start.
 
-    python -m mcscale.bench_p2ot --out benchmarks/p2ot_cpu.csv [--repeats 3] [--device cuda]
+    mcscale bench p2ot [--out benchmarks/p2ot_cpu.csv] [--repeats 3] [--device cuda]
 
 Random logits N(0, 3^2) (confident but not saturated predictions), K in {10, 100, 1000}, rho in
 {0.1, 0.5, 1.0}, the solver's defaults (eps 0.1, lam 1, tol 1e-6, max_iter 1000). One untimed
@@ -10,7 +10,6 @@ seconds, the iteration count and whether the tolerance was reached, with the dev
 
 from __future__ import annotations
 
-import argparse
 import csv
 import platform
 import statistics
@@ -80,19 +79,3 @@ def run(out_csv, device=None, repeats: int = 3, n: int = N, ks=KS, rhos=RHOS) ->
         writer.writeheader()
         writer.writerows(rows)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="CSV to write")
-    parser.add_argument("--repeats", type=int, default=3, help="timed cold-start calls per setting")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    run(args.out, device=args.device, repeats=args.repeats)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="CSV to write (default benchmarks/<target>_<device>.csv)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (kernels, data; data defaults to 1 on CPU)")
 
     p = sub.add_parser("eval", help="re-evaluate the latest checkpoint of a clustering run")
     p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
@@ -128,7 +129,8 @@ def _dispatch(args) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         out = args.out or f"benchmarks/{args.target}_{device}.csv"
-        importlib.import_module(BENCHMARKS[args.target]).run(out, device=device, repeats=args.repeats)
+        extra = {"threads": args.threads} if args.threads else {}
+        importlib.import_module(BENCHMARKS[args.target]).run(out, device=device, repeats=args.repeats, **extra)
         print(f"written to {out}")
     elif args.command == "quickstart":
         from mcscale.quickstart import run_quickstart
