@@ -9,7 +9,6 @@ the tensor loader measured in the same run. Epochs include the WebDataset loader
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from mcscale.augment import AugmentConfig
+from mcscale.runtime import write_csv
 
 # (image size, number of images, batch size): a few seconds per loader on two CPU cores.
 CONFIGS = ((32, 512, 64), (224, 192, 32))
@@ -146,13 +146,7 @@ def _run(out_csv, device, repeats, configs) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mcscale-bench-data-") as work:
         for size, count, batch in configs:
             rows += _run_config(size, count, batch, device, max(1, repeats), env, Path(work))
-    folder = os.path.dirname(out_csv)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_csv, FIELDS, rows)
     return rows
 
 

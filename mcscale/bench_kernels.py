@@ -17,7 +17,6 @@ and the torch / triton versions. ``mcscale bench kernels [--out FILE] [--repeats
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import platform
@@ -27,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from mcscale.runtime import write_csv
 
 SIZES = tuple((n, k, m) for n in (512, 4096) for k, m in ((10, 40), (200, 100), (1000, 200), (1000, 4000)))
 DELTA, TAU, ALPHA, BETA = 0.3, 0.99, 0.2, 0.5  # CIFAR-10 r10 settings of METHOD.md section 5
@@ -201,7 +202,7 @@ def run(
                 rows.extend(_run_size(n, k, m, device, cuda, env, repeats))
     finally:
         torch.set_num_threads(saved_threads)
-    _write_csv(out_csv, rows)
+    write_csv(out_csv, FIELDS, rows)
     print(format_table(rows))
     return rows
 
@@ -228,16 +229,6 @@ def _run_size(n: int, k: int, m: int, device: str, cuda: bool, env: dict, repeat
         rows.append({field: row.get(field, "") for field in FIELDS})
         print(_format_row(rows[-1]), flush=True)
     return rows
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 _COLUMNS = (("n", 5), ("k", 5), ("m", 5), ("variant", 8), ("median_ms", 10), ("first_ms", 10),

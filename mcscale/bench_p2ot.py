@@ -10,15 +10,14 @@ seconds, the iteration count and whether the tolerance was reached, with the dev
 
 from __future__ import annotations
 
-import csv
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from mcscale.p2ot import p2ot_plan
+from mcscale.runtime import write_csv
 
 N = 5120
 KS = (10, 100, 1000)
@@ -72,10 +71,5 @@ def run(out_csv, device=None, repeats: int = 3, n: int = N, ks=KS, rhos=RHOS) ->
             })
             shown = ("k", "rho", "median_s", "iterations", "converged")
             print(", ".join(f"{key}={rows[-1][key]}" for key in shown), flush=True)
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_csv, FIELDS, rows)
     return rows
