@@ -4,7 +4,11 @@ Whether Triton interprets (TRITON_INTERPRET=1) is effectively fixed when ``trito
 imported: the library's own helpers (``tl.sum``, ``tl.max``, ``tl.argmax``, ...) are decorated then,
 as compiled or as interpreted functions, and a kernel only works in the same mode as those. Note that
 ``import torchvision`` already imports triton. So the mode is read from the library itself, and our
-kernels are decorated lazily, in that mode, at their first launch.
+kernels are decorated lazily, in that mode, at their first launch. Device functions shared by several
+kernels (``@helper``) are bound the same way: their module-level name holds a placeholder until the
+first launch puts the mode's wrapper there (kernels look globals up when they are compiled or run).
+
+Every launch is counted (``launch_count()``), so tests can check how many launches a step makes.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = _NoTritonLanguage()
 
 __all__ = [
-    "triton", "tl", "kernel", "interpreting", "check_launchable", "scalar", "accum_dtype", "split_f64",
+    "triton", "tl", "kernel", "helper", "bind_helpers", "launch_count", "interpreting", "check_launchable", "scalar", "accum_dtype", "split_f64",
     "next_pow2", "cdiv", "warps_for",
 ]
 
@@ -40,6 +44,22 @@ def interpreting() -> bool:
     if triton is None:
         return False
     return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def _wrap(fn, interpret: bool):
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn)
+    return triton.runtime.jit.JITFunction(fn)
+
+
+_LAUNCHES = [0]
+
+
+def launch_count() -> int:
+    """Kernel launches made by this process so far (take differences around the code of interest)."""
+    return _LAUNCHES[0]
 
 
 class LazyKernel:
@@ -53,19 +73,50 @@ class LazyKernel:
         mode = interpreting()
         wrapped = self._wrapped.get(mode)
         if wrapped is None:
-            if mode:
-                from triton.runtime.interpreter import InterpretedFunction
-
-                wrapped = InterpretedFunction(self.fn)
-            else:
-                wrapped = triton.runtime.jit.JITFunction(self.fn)
-            self._wrapped[mode] = wrapped
+            bind_helpers(mode)  # before wrapping: a compiled kernel hashes its callees at first run
+            wrapped = self._wrapped[mode] = _wrap(self.fn, mode)
+        _LAUNCHES[0] += 1  # `kernel[grid](...)` is always one launch
         return wrapped[grid]
 
 
 def kernel(fn) -> LazyKernel:
-    """Decorator for kernel entry points (self-contained: they call only triton.language)."""
+    """Decorator for kernel entry points (they call triton.language and ``@helper`` functions)."""
     return LazyKernel(fn)
+
+
+class _UnboundHelper:
+    """What a helper's name holds before the first launch binds it (calling it is a bug)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.fn.__name__} is a Triton device function: call it from a kernel")
+
+
+_HELPERS: list = []
+_BOUND: list = [None]  # the mode the helpers are bound in, once bound
+
+
+def helper(fn):
+    """Decorator for a device function called from kernels, bound lazily like the kernels.
+
+    The name is rebound in the function's own module, so kernels must call it by that global name.
+    """
+    _HELPERS.append(fn)
+    if _BOUND[0] is not None:
+        return _wrap(fn, _BOUND[0])
+    return _UnboundHelper(fn)
+
+
+def bind_helpers(interpret: bool | None = None) -> None:
+    """Put every helper's mode-specific wrapper under its module-level name (idempotent per mode)."""
+    mode = interpreting() if interpret is None else interpret
+    if _BOUND[0] == mode or triton is None:
+        return
+    for fn in _HELPERS:
+        fn.__globals__[fn.__name__] = _wrap(fn, mode)
+    _BOUND[0] = mode
 
 
 def check_launchable(name: str, *tensors: torch.Tensor) -> None:

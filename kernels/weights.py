@@ -6,17 +6,90 @@ columns (totals, then threshold), counts scattered with atomics, then an element
 maxi: each row is normalised over M; one program per block of rows does both passes and writes
 w_k = max(c_k, 0.5) directly. Shares are computed in float64 against a float64 delta, as the
 reference does, so the strict threshold flips at exactly the same counts.
+
+Both modes share one prologue: a "line" is a column (mini) or a row (maxi); ``_line_totals`` sums
+lines and ``_shares_above`` thresholds their shares. The block helpers are also called by the fused
+head objective (``head_objective.py``), which computes the weights inside its finishing program.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._runtime import cdiv, check_launchable, kernel, next_pow2, scalar, tl, warps_for
+from ._runtime import cdiv, check_launchable, helper, kernel, next_pow2, scalar, tl, warps_for
 
 __all__ = ["class_weights"]
 
 WEIGHT_MODES = ("mini", "maxi")
+
+
+@helper
+def _line_totals(counts_ptr, line_offs, line_live, length, stride_a, BLOCK_L: tl.constexpr,
+                 BLOCK_A: tl.constexpr):
+    """Float64 totals of BLOCK_L lines; ``line_offs`` are their offsets, ``stride_a`` the step along."""
+    totals = tl.zeros([BLOCK_L], dtype=tl.float64)
+    for a0 in range(0, length, BLOCK_A):
+        along = a0 + tl.arange(0, BLOCK_A)
+        live = line_live[:, None] & (along < length)[None, :]
+        ptrs = counts_ptr + line_offs[:, None] + along.to(tl.int64)[None, :] * stride_a
+        totals += tl.sum(tl.load(ptrs, mask=live, other=0).to(tl.float64), axis=1)
+    return totals
+
+
+@helper
+def _shares_above(counts_ptr, line_offs, line_live, totals, a0, length, stride_a, delta,
+                  BLOCK_A: tl.constexpr):
+    """[lines, BLOCK_A] mask of the entries a0.. whose share of their line is strictly above delta."""
+    along = a0 + tl.arange(0, BLOCK_A)
+    live = line_live[:, None] & (along < length)[None, :]
+    ptrs = counts_ptr + line_offs[:, None] + along.to(tl.int64)[None, :] * stride_a
+    t = tl.load(ptrs, mask=live, other=0).to(tl.float64)
+    # An empty line has share 0 everywhere (the reference divides by max(total, 1) where total > 0).
+    nonempty = totals > 0
+    denom = tl.where(nonempty, tl.maximum(totals, 1.0), 1.0)
+    share = tl.where(nonempty[:, None], t / denom[:, None], 0.0)
+    return (share > delta) & live
+
+
+@helper
+def _mini_owned_block(counts_ptr, owned_ptr, delta, j0, num_target, num_aux, stride_k, stride_j,
+                      BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Columns j0..j0+BLOCK_J: add to owned[k] the columns where cluster k's share is above delta."""
+    cols = j0 + tl.arange(0, BLOCK_J)
+    col_live = cols < num_aux
+    col_offs = cols.to(tl.int64) * stride_j
+    totals = _line_totals(counts_ptr, col_offs, col_live, num_target, stride_k, BLOCK_J, BLOCK_K)
+    for k0 in range(0, num_target, BLOCK_K):
+        above = _shares_above(counts_ptr, col_offs, col_live, totals, k0, num_target, stride_k, delta, BLOCK_K)
+        hits = tl.sum(above.to(tl.int32), axis=0)
+        rows = k0 + tl.arange(0, BLOCK_K)
+        tl.atomic_add(owned_ptr + rows, hits, mask=(rows < num_target) & (hits > 0))
+
+
+@helper
+def _mini_weight_block(owned_ptr, weight_ptr, offs, num_target, num_aux):
+    """w_k = M / max(c_k, 0.5) for the clusters ``offs``."""
+    live = offs < num_target
+    owned = tl.load(owned_ptr + offs, mask=live, other=0).to(tl.float32)
+    # The reference's ``M / tensor`` is torch's reciprocal-then-multiply, each correctly rounded in
+    # float32; div_rn because Triton's default float32 division is approximate.
+    recip = tl.math.div_rn(owned * 0.0 + 1.0, tl.maximum(owned, 0.5))
+    tl.store(weight_ptr + offs, recip * tl.cast(num_aux, tl.float32), mask=live)
+
+
+@helper
+def _maxi_weight_block(counts_ptr, weight_ptr, delta, k0, num_target, num_aux, stride_k, stride_j,
+                       BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Rows k0..k0+BLOCK_K: w_k = max(#{j : share of row k above delta}, 0.5)."""
+    rows = k0 + tl.arange(0, BLOCK_K)
+    row_live = rows < num_target
+    row_offs = rows.to(tl.int64) * stride_k
+    totals = _line_totals(counts_ptr, row_offs, row_live, num_aux, stride_j, BLOCK_K, BLOCK_J)
+    owned = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j0 in range(0, num_aux, BLOCK_J):
+        above = _shares_above(counts_ptr, row_offs, row_live, totals, j0, num_aux, stride_j, delta, BLOCK_J)
+        owned += tl.sum(above.to(tl.int32), axis=1)
+    tl.store(weight_ptr + rows, tl.maximum(owned.to(tl.float32), 0.5), mask=row_live)
 
 
 @kernel
@@ -24,40 +97,14 @@ def _mini_owned_kernel(
     counts_ptr, owned_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
     BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    col_live = cols < num_aux
-    col_offs = cols.to(tl.int64) * stride_j
-    delta = tl.load(delta_ptr)
-    totals = tl.zeros([BLOCK_J], dtype=tl.float64)
-    for k0 in range(0, num_target, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K)
-        live = (rows < num_target)[:, None] & col_live[None, :]
-        ptrs = counts_ptr + rows.to(tl.int64)[:, None] * stride_k + col_offs[None, :]
-        totals += tl.sum(tl.load(ptrs, mask=live, other=0).to(tl.float64), axis=0)
-    # An empty column has share 0 everywhere (the reference divides by max(total, 1) where total > 0).
-    nonempty = totals > 0
-    denom = tl.where(nonempty, tl.maximum(totals, 1.0), 1.0)
-    for k0 in range(0, num_target, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K)
-        row_live = rows < num_target
-        live = row_live[:, None] & col_live[None, :]
-        ptrs = counts_ptr + rows.to(tl.int64)[:, None] * stride_k + col_offs[None, :]
-        t = tl.load(ptrs, mask=live, other=0).to(tl.float64)
-        share = tl.where(nonempty[None, :], t / denom[None, :], 0.0)
-        hits = tl.sum(((share > delta) & live).to(tl.int32), axis=1)
-        tl.atomic_add(owned_ptr + rows, hits, mask=row_live & (hits > 0))
+    _mini_owned_block(counts_ptr, owned_ptr, tl.load(delta_ptr), tl.program_id(0) * BLOCK_J, num_target,
+                      num_aux, stride_k, stride_j, BLOCK_K, BLOCK_J)
 
 
 @kernel
 def _mini_finish_kernel(owned_ptr, weight_ptr, num_target, num_aux, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < num_target
-    owned = tl.load(owned_ptr + offs, mask=live, other=0).to(tl.float32)
-    # The reference's ``M / tensor`` is torch's reciprocal-then-multiply, each correctly rounded in
-    # float32; div_rn because Triton's default float32 division is approximate.
-    recip = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), tl.maximum(owned, 0.5))
-    weight = recip * tl.cast(num_aux, tl.float32)
-    tl.store(weight_ptr + offs, weight, mask=live)
+    _mini_weight_block(owned_ptr, weight_ptr, offs, num_target, num_aux)
 
 
 @kernel
@@ -65,27 +112,8 @@ def _maxi_weights_kernel(
     counts_ptr, weight_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
     BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_live = rows < num_target
-    row_offs = rows.to(tl.int64) * stride_k
-    delta = tl.load(delta_ptr)
-    totals = tl.zeros([BLOCK_K], dtype=tl.float64)
-    for j0 in range(0, num_aux, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        live = row_live[:, None] & (cols < num_aux)[None, :]
-        ptrs = counts_ptr + row_offs[:, None] + cols.to(tl.int64)[None, :] * stride_j
-        totals += tl.sum(tl.load(ptrs, mask=live, other=0).to(tl.float64), axis=1)
-    nonempty = totals > 0
-    denom = tl.where(nonempty, tl.maximum(totals, 1.0), 1.0)
-    owned = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j0 in range(0, num_aux, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        live = row_live[:, None] & (cols < num_aux)[None, :]
-        ptrs = counts_ptr + row_offs[:, None] + cols.to(tl.int64)[None, :] * stride_j
-        t = tl.load(ptrs, mask=live, other=0).to(tl.float64)
-        share = tl.where(nonempty[:, None], t / denom[:, None], 0.0)
-        owned += tl.sum(((share > delta) & live).to(tl.int32), axis=1)
-    tl.store(weight_ptr + rows, tl.maximum(owned.to(tl.float32), 0.5), mask=row_live)
+    _maxi_weight_block(counts_ptr, weight_ptr, tl.load(delta_ptr), tl.program_id(0) * BLOCK_K, num_target,
+                       num_aux, stride_k, stride_j, BLOCK_K, BLOCK_J)
 
 
 def _tiles(num_lines: int, line_length: int) -> tuple[int, int]:
