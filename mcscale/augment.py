@@ -23,6 +23,9 @@ __all__ = [
     "Normalizer",
     "to_float",
     "strong_view",
+    "StrongDraws",
+    "draw_strong",
+    "apply_strong",
     "clean_view",
     "feature_view",
     "sample_crop_boxes",
@@ -238,39 +241,84 @@ def _jitter_factors(n: int, strength, generator, device) -> Tensor:
     )
 
 
-def _color_jitter(x: Tensor, cfg: AugmentConfig, generator) -> Tensor:
-    """Colour jitter with probability jitter_p per sample, operations in a random order PER SAMPLE.
+def _jitter_ops(channels: int, cfg: AugmentConfig) -> list[int]:
+    """The colour operations in use: strength 0 skips one; saturation and hue need 3 channels."""
+    usable = (0, 1) if channels == 1 else (0, 1, 2, 3)
+    return [i for i in usable if cfg.jitter[i] > 0]
+
+
+def _color_jitter(x: Tensor, ops: list[int], draws: "StrongDraws") -> Tensor:
+    """Colour jitter of the samples ``draws.jitter_apply`` picks, operations in a random order PER SAMPLE.
 
     torchvision's ColorJitter draws a fresh permutation per image; to keep that, each sample gets its
     own permutation, and stage by stage every operation is applied to the subset of samples that has it
     at that stage. Each sample still sees each operation exactly once, so the cost is one pass per
-    operation. Operations with strength 0 are skipped, saturation and hue also for 1-channel images.
+    operation.
     """
-    n, device = x.shape[0], x.device
-    apply = torch.rand(n, generator=generator, device=device) < cfg.jitter_p
-    factors = _jitter_factors(n, cfg.jitter, generator, device)
-    usable = (0, 1) if x.shape[1] == 1 else (0, 1, 2, 3)
-    ops = [i for i in usable if cfg.jitter[i] > 0]
-    if not ops:
-        return x
-    order = torch.argsort(torch.rand(n, len(ops), generator=generator, device=device), dim=1)
     for stage in range(len(ops)):
         for slot, op in enumerate(ops):
-            chosen = torch.nonzero(apply & (order[:, stage] == slot)).squeeze(1)
+            chosen = torch.nonzero(draws.jitter_apply & (draws.jitter_order[:, stage] == slot)).squeeze(1)
             if chosen.numel():
-                x[chosen] = _JITTER_OPS[op](x[chosen], factors[chosen, op])
+                x[chosen] = _JITTER_OPS[op](x[chosen], draws.jitter_factors[chosen, op])
     return x
 
 
-def _random_grayscale(x: Tensor, p: float, generator) -> Tensor:
-    """Replace RGB images by their luminance on all 3 channels, with probability p per sample."""
-    pick = torch.rand(x.shape[0], generator=generator, device=x.device) < p
-    if x.shape[1] != 3:
-        return x
-    return torch.where(pick.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
-
-
 # ---------------------------------------------------------------- views
+@dataclass
+class StrongDraws:
+    """Every random choice of a strong view for N samples, drawn before any pixel is touched.
+
+    The draws depend only on N, the image size, the config and the generator, so a data-parallel rank
+    can draw those of the whole global batch (a few numbers per sample) and apply its own rows: the
+    result is bit for bit its slice of the single-process batch.
+    """
+
+    boxes: Tensor  # (N, 4) crop boxes
+    flip: Tensor  # (N,) bool
+    jitter_apply: Tensor  # (N,) bool
+    jitter_factors: Tensor  # (N, 4)
+    jitter_order: Tensor | None  # (N, number of colour operations in use), None when none is
+    grayscale: Tensor  # (N,) bool
+
+    def rows(self, selection: slice) -> "StrongDraws":
+        order = None if self.jitter_order is None else self.jitter_order[selection]
+        return StrongDraws(self.boxes[selection], self.flip[selection], self.jitter_apply[selection],
+                           self.jitter_factors[selection], order, self.grayscale[selection])
+
+
+def draw_strong(n: int, height: int, width: int, channels: int, cfg: AugmentConfig,
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> StrongDraws:
+    """The random choices of ``strong_view`` for a batch of n images of the given size."""
+    boxes = sample_crop_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
+    flip = torch.rand(n, generator=generator, device=device) < cfg.flip_p
+    apply = torch.rand(n, generator=generator, device=device) < cfg.jitter_p
+    factors = _jitter_factors(n, cfg.jitter, generator, device)
+    ops = _jitter_ops(channels, cfg)
+    order = torch.argsort(torch.rand(n, len(ops), generator=generator, device=device), dim=1) if ops else None
+    grayscale = torch.rand(n, generator=generator, device=device) < cfg.grayscale_p
+    return StrongDraws(boxes, flip, apply, factors, order, grayscale)
+
+
+def _check_images(images: Tensor) -> None:
+    if not images.is_floating_point() or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"strong_view: expected float (N, C, H, W) with C in (1, 3), got {images.dtype} {tuple(images.shape)}"
+            " (convert uint8 with to_float)"
+        )
+
+
+def apply_strong(images: Tensor, draws: StrongDraws, cfg: AugmentConfig, out_size: int) -> Tensor:
+    """The strong view of ``images`` with the given draws (one row per image)."""
+    _check_images(images)
+    x = _crop_flip_resample(images, draws.boxes, draws.flip, out_size)
+    ops = _jitter_ops(images.shape[1], cfg)
+    if ops:
+        x = _color_jitter(x, ops, draws)
+    if x.shape[1] == 3:  # random grayscale: luminance on all 3 channels
+        x = torch.where(draws.grayscale.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+    return x.clamp_(0, 1)
+
+
 def strong_view(
     images: Tensor, cfg: AugmentConfig, out_size: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -280,19 +328,9 @@ def strong_view(
     order per sample) -> random grayscale (p = grayscale_p, RGB only) -> clamp to [0, 1].
     Output (N, C, out_size, out_size), same dtype. ``generator`` must live on the images' device.
     """
-    if not images.is_floating_point() or images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"strong_view: expected float (N, C, H, W) with C in (1, 3), got {images.dtype} {tuple(images.shape)}"
-            " (convert uint8 with to_float)"
-        )
-    n, _, height, width = images.shape
-    device = images.device
-    boxes = sample_crop_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-    flip = torch.rand(n, generator=generator, device=device) < cfg.flip_p
-    x = _crop_flip_resample(images, boxes, flip, out_size)
-    x = _color_jitter(x, cfg, generator)
-    x = _random_grayscale(x, cfg.grayscale_p, generator)
-    return x.clamp_(0, 1)
+    _check_images(images)
+    n, channels, height, width = images.shape
+    return apply_strong(images, draw_strong(n, height, width, channels, cfg, generator, images.device), cfg, out_size)
 
 
 def clean_view(images: Tensor, out_size: int) -> Tensor:

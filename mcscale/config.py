@@ -121,6 +121,14 @@ class P2OTConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs (``accelerate launch`` / ``torchrun``); ignored by a single process."""
+
+    sync_batchnorm: bool = True  # BatchNorm statistics of the global batch (exact); false: per rank
+    similarity_comm: str = "auto"  # L_s across ranks: gram (K^2+M^2+KM) | gather (N(K+M)) | auto: smaller
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False  # also write the log's scalars to RUN/tensorboard/
     report: bool = True  # figures and report.html in RUN/report/ at the end of a clustering run
@@ -138,6 +146,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     p2ot: P2OTConfig = field(default_factory=P2OTConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -157,6 +166,7 @@ CHOICES = {
     "cluster.weight_estimate": ("batch", "window"),
     "cluster.kmeans_backend": ("auto", "faiss", "torch"),
     "cluster.kernels": ("auto", "triton", "torch"),
+    "distributed.similarity_comm": ("auto", "gram", "gather"),
 }
 
 
@@ -295,7 +305,7 @@ def _check(cond: bool, message: str):
 def validate(cfg: Config) -> None:
     """Impossible values are refused before any work starts."""
     flat = {}
-    for section in ("data", "model", "pretrain", "cluster", "p2ot"):
+    for section in ("data", "model", "pretrain", "cluster", "p2ot", "distributed"):
         for key, value in to_dict(getattr(cfg, section)).items():
             flat[f"{section}.{key}"] = value
     flat["device"] = cfg.device

@@ -60,6 +60,7 @@ __all__ = [
     "global_long_tail_cross_entropy",
     "global_soft_cross_entropy",
     "global_p2ot_plan",
+    "GlobalOps",
 ]
 
 SIMILARITY_METHODS = ("auto", "gram", "gather")
@@ -462,3 +463,39 @@ def global_p2ot_plan(
     plan, state = p2ot_plan(pool, rho, **solver_options)
     start = pool.shape[0] - current.shape[0] + _offset(sizes)
     return plan[start:start + local_logits.shape[0]], {**state, "global_logits": current}
+
+
+# ---------------------------------------------------------------- the methods' ops, globally
+class GlobalOps:
+    """The head objectives with ``mcscale.objectives``' signatures, computed over the global batch.
+
+    ``build_method`` hands this to a method instead of ``mcscale.objectives`` / ``mcscale.kernels``
+    when the world size is above 1, so the methods need no distributed code of their own. Counts use
+    the local implementation (Triton on CUDA) before their all-reduce; the losses are the global
+    functions above (PyTorch; the fused kernels are per-process).
+    """
+
+    def __init__(self, local_ops=obj, similarity_method: str = "auto"):
+        self.local = local_ops
+        self.similarity_method = similarity_method
+
+    def contingency(self, target_labels, aux_labels, num_target: int, num_aux: int) -> torch.Tensor:
+        return all_reduce_sum(self.local.contingency(target_labels, aux_labels, num_target, num_aux))
+
+    def class_weights(self, counts, delta: float, mode: str = "mini") -> torch.Tensor:
+        return self.local.class_weights(counts, delta, mode)
+
+    def confident_cross_entropy(self, logits, pseudo_logits, tau, class_weight=None, balance=False,
+                                normalize="weight_sum"):
+        return global_confident_cross_entropy(logits, pseudo_logits, tau, class_weight, balance, normalize)
+
+    def similarity_alignment(self, probs_t, probs_m, normalize_rows: bool = True) -> torch.Tensor:
+        return global_similarity_alignment(probs_t, probs_m, normalize_rows, method=self.similarity_method)
+
+    def long_tail_cross_entropy(self, logits, targets, mini_counts, variant="cb", gamma=0.999, mask=None,
+                                num_aux=None) -> torch.Tensor:
+        return global_long_tail_cross_entropy(logits, targets, mini_counts, variant, gamma, mask, num_aux)
+
+    def count(self, mask: torch.Tensor) -> int:
+        """The number of True entries over all ranks."""
+        return int(all_reduce_sum(mask.sum().to(torch.int64)))

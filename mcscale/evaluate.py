@@ -6,28 +6,42 @@ import numpy as np
 import torch
 
 from mcscale import objectives as obj
+from mcscale.distributed import all_gather_cat
 from mcscale.metrics import cluster_metrics, head_medium_tail, hungarian_match, per_class_accuracy, spearman
 
 
 @torch.no_grad()
-def predict(model, views) -> dict:
-    """Target / auxiliary head assignments and encoder features of every sample, in dataset order."""
+def predict(model, views, parallel=None) -> dict:
+    """Target / auxiliary head assignments and encoder features of every sample, in dataset order.
+
+    With a ``parallel`` of world size W > 1 every rank predicts its share of the clean pass and the
+    shares are gathered with their sample indices, so every rank returns the whole set; a sample
+    that appears twice (a sharded loader's padding) lands on its own row twice.
+    """
+    rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
     was_training = model.training
     model.eval()
-    n = len(views)
-    out = None
-    # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
-    for index, x in views.clean_batches():
+    parts = {"index": [], "target": [], "aux": [], "features": []}
+    for index, x in views.clean_batches(rank=rank, world_size=world):
         f = model.features(x)
         logits_t, logits_m = model.heads(f)
-        if out is None:
-            out = {"target": torch.zeros(n, dtype=torch.long), "aux": torch.zeros(n, dtype=torch.long),
-                   "features": torch.zeros(n, f.shape[1], dtype=f.dtype)}
-        index = index.cpu()
-        out["target"][index] = logits_t.argmax(1).cpu()
-        out["aux"][index] = logits_m.argmax(1).cpu()
-        out["features"][index] = f.cpu()
+        for key, value in zip(parts, (index.to(f.device), logits_t.argmax(1), logits_m.argmax(1), f)):
+            parts[key].append(value)
     model.train(was_training)
+    local = {key: torch.cat(values) for key, values in parts.items()}
+    if world > 1:
+        local = {key: all_gather_cat(value) for key, value in local.items()}
+    index = local.pop("index").cpu()
+    n = len(views)
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[index] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"predict: the clean pass missed {int((~seen).sum())} of {n} samples")
+    # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
+    out = {}
+    for key, value in local.items():
+        out[key] = torch.zeros((n, *value.shape[1:]), dtype=value.dtype)
+        out[key][index] = value.cpu()
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 import torch.nn.functional as F
 
+from mcscale import distributed as dist_stats
 from mcscale import objectives as obj
 from mcscale.config import ClusterConfig, Config, ConfigError, P2OTConfig
 from mcscale.p2ot import p2ot_plan, rho_schedule
@@ -24,6 +25,11 @@ from mcscale.p2ot import p2ot_plan, rho_schedule
 
 def _value(t: torch.Tensor) -> float:
     return float(t.detach())
+
+
+def _count(ops, mask: torch.Tensor) -> int:
+    """True entries of ``mask`` in the batch the ops see (the global one for GlobalOps)."""
+    return ops.count(mask) if hasattr(ops, "count") else int(mask.sum())
 
 
 @dataclass
@@ -90,10 +96,10 @@ class HeadGuided:
             confidence, labels = torch.softmax(logits_t2.float(), dim=1).max(dim=1)
             mask = confidence > c.tau
         counts = obj.effective_counts(weights, self.num_aux)
-        loss = obj.long_tail_cross_entropy(
-            logits_t1, labels, counts, c.loss, gamma=c.cb_gamma, mask=mask, num_aux=self.num_aux
-        )
-        return loss, int(mask.sum())
+        # the kernels have no long-tail variants: those come from the references (or GlobalOps)
+        long_tail_ce = getattr(self.ops, "long_tail_cross_entropy", obj.long_tail_cross_entropy)
+        loss = long_tail_ce(logits_t1, labels, counts, c.loss, gamma=c.cb_gamma, mask=mask, num_aux=self.num_aux)
+        return loss, _count(self.ops, mask)
 
     def aux_losses(self, logits_t1, logits_m1, logits_m2):
         """alpha * L_m + beta * L_s and their statistics: the mini-cluster head's own training."""
@@ -148,22 +154,30 @@ class P2OT:
         return rho_schedule(step, self.total_steps, self.p.rho0)
 
     def targets(self, logits: torch.Tensor, rho: float) -> tuple[torch.Tensor, dict]:
-        """The plan rows of the current batch, solved over [buffer; batch]."""
+        """The plan rows of the current batch, solved over [buffer; batch]. Across ranks the batch is
+        the global one (gathered), so the plan, the warm start and ``state["global_logits"]`` (what
+        ``push`` stores) are identical on every rank."""
         current = logits.detach().float()
-        pool = current if self.buffer is None else torch.cat([self.buffer.to(current.device), current])
-        plan, state = p2ot_plan(
-            pool, rho, eps=self.p.eps, lam=self.p.lam, max_iter=self.p.max_iter, tol=self.p.tol,
-            warm_start=self.warm, hard_marginal=self.p.variant == "pot",
-        )
+        options = dict(eps=self.p.eps, lam=self.p.lam, max_iter=self.p.max_iter, tol=self.p.tol,
+                       warm_start=self.warm, hard_marginal=self.p.variant == "pot")
+        if dist_stats.world_size() > 1:
+            rows, state = dist_stats.global_p2ot_plan(current, rho, buffer=self.buffer, **options)
+        else:
+            pool = current if self.buffer is None else torch.cat([self.buffer.to(current.device), current])
+            plan, state = p2ot_plan(pool, rho, **options)
+            rows, state = plan[-current.shape[0]:], {**state, "global_logits": current}
         self.warm = state["log_v"]
-        return plan[-current.shape[0]:], state
+        return rows, state
 
     def push(self, logits: torch.Tensor) -> None:
+        """Append a (global) batch of logits to the FIFO of ``buffer_batches`` batches."""
         capacity = self.p.buffer_batches * logits.shape[0]
         rows = logits.detach().float()
         self.buffer = rows if self.buffer is None else torch.cat([self.buffer, rows])[-capacity:]
 
     def soft_ce(self, logits, target, weights=None) -> torch.Tensor:
+        if dist_stats.world_size() > 1:
+            return dist_stats.global_soft_cross_entropy(logits, target, weights)
         per_sample = -(target * F.log_softmax(logits.float(), dim=1)).sum(1)
         if weights is None:
             return per_sample.mean()
@@ -173,14 +187,17 @@ class P2OT:
     def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
         rho = self.rho(step)
         target_for_1, state = self.targets(logits_t2, rho)  # swapped: view 1 learns view 2's plan
-        target_for_2, _ = self.targets(logits_t1, rho)
+        target_for_2, state_1 = self.targets(logits_t1, rho)
         weights = self.mini.estimate_weights(logits_t1, logits_m1) if self.mini else None
         l_r = 0.5 * (self.soft_ce(logits_t1, target_for_1, weights) + self.soft_ce(logits_t2, target_for_2, weights))
-        self.push(logits_t1)
+        self.push(state_1["global_logits"])
+        # the plan's mass lies on the global batch: row sums > 1/2 counted, total mass summed
+        row_mass = target_for_1.sum(1).detach().double()
+        confident, mass = dist_stats.all_reduce_sum(torch.stack([(row_mass > 0.5).double().sum(), row_mass.sum()]))
         stats = {
-            "l_r": _value(l_r), "l_m": 0.0, "l_s": 0.0, "n_confident_t": int((target_for_1.sum(1) > 0.5).sum()),
+            "l_r": _value(l_r), "l_m": 0.0, "l_s": 0.0, "n_confident_t": int(confident),
             "n_confident_m": 0, "rho": rho, "ot_iterations": state["iterations"],
-            "ot_mass": float(target_for_1.sum()) / target_for_1.shape[0],
+            "ot_mass": float(mass) / state["global_logits"].shape[0],
         }
         loss = l_r
         if self.mini:
@@ -221,6 +238,8 @@ def select_ops(choice: str, device: torch.device):
 def build_method(cfg: Config, num_clusters: int, total_steps: int, device: torch.device | None = None):
     c = cfg.cluster
     ops = select_ops(c.kernels, device or torch.device("cpu"))
+    if dist_stats.world_size() > 1:  # statistics of the global batch (mcscale.distributed)
+        ops = dist_stats.GlobalOps(ops, cfg.distributed.similarity_comm)
     if c.method == "selflabel":
         return SelfLabelling(c, num_clusters, ops)
     if c.method == "p2ot":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcscale.augment import AugmentConfig, Normalizer, clean_view, feature_view, strong_view, to_float
+from mcscale.augment import AugmentConfig, Normalizer, apply_strong, clean_view, draw_strong, feature_view, to_float
 from mcscale.runtime import step_generator
 
 
@@ -70,23 +70,36 @@ class InMemoryViews:
             return (self.data[index.to(self.device)] - self.feature_mean) / self.feature_std
         return self.normalizer(self._clean_unnormalised(index))
 
-    def strong(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = self.data[index.to(self.device)]
-        if not self.is_image:
-            noisy = feature_view(batch, self.augment, self.feature_std, generator)
+    def strong(self, index: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
+        """The strong view of ``index[rows]``, with the random draws of the whole of ``index``: a rank
+        holding rows of a global batch gets exactly those rows of the single-process view."""
+        if not self.is_image:  # noise of the whole batch (cheap next to a network), then the rows
+            noisy = feature_view(self.data[index.to(self.device)], self.augment, self.feature_std, generator)[rows]
             return (noisy - self.feature_mean) / self.feature_std
-        return self.normalizer(strong_view(to_float(batch), self.augment, self.image_size, generator))
+        _, channels, height, width = self.data.shape
+        draws = draw_strong(index.shape[0], height, width, channels, self.augment, generator, self.device)
+        batch = to_float(self.data[index[rows].to(self.device)])
+        return self.normalizer(apply_strong(batch, draws.rows(rows), self.augment, self.image_size))
 
-    def two_views(self, seed: int, step: int, batch_size: int) -> ViewBatch:
+    def two_views(self, seed: int, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> ViewBatch:
+        """Both views of global step ``step``; with ``world_size`` > 1, rank ``rank``'s contiguous
+        share (batch_size / world_size rows) of the global batch, identical to those rows of the
+        single-process batch."""
         index = self.batch_indices(seed, step, batch_size)
+        per_rank, extra = divmod(index.shape[0], world_size)
+        if extra:
+            raise ValueError(f"global batch of {index.shape[0]} is not divisible by {world_size} ranks")
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
         g1 = step_generator(seed, step, stream=1, device=self.device)
         g2 = step_generator(seed, step, stream=2, device=self.device)
-        return ViewBatch(self.strong(index, g1), self.strong(index, g2), index)
+        return ViewBatch(self.strong(index, g1, rows), self.strong(index, g2, rows), index[rows])
 
-    def clean_batches(self, batch_size: int = 1024):
-        """The whole subset in order, clean view, for K-means init and evaluation."""
-        for start in range(0, len(self), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(self)))
+    def clean_batches(self, batch_size: int = 1024, rank: int = 0, world_size: int = 1):
+        """The subset in order, clean view, for K-means init and evaluation; with ``world_size`` > 1
+        the rank's contiguous share [N r / W, N (r + 1) / W) (the split of the sharded loaders)."""
+        lo, hi = len(self) * rank // world_size, len(self) * (rank + 1) // world_size
+        for start in range(lo, hi, batch_size):
+            index = torch.arange(start, min(start + batch_size, hi))
             yield index, self.clean(index)
 
 

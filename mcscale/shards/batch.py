@@ -147,11 +147,16 @@ class StreamViews:
         return torch.as_tensor(np.asarray(self.loader.manifest.labels()), dtype=torch.long)
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        if batch_size != self.loader.batch_size:
-            raise DataError(f"batch_size {batch_size}: the sharded loader was built for {self.loader.batch_size}")
+        """Steps per epoch for the GLOBAL batch ``batch_size`` (every rank's loader holds its share)."""
+        built_for = self.loader.batch_size * self.loader.world_size
+        if batch_size != built_for:
+            raise DataError(f"batch_size {batch_size}: the sharded loader was built for {built_for} "
+                            f"({self.loader.world_size} rank(s) x {self.loader.batch_size})")
         return self.loader.steps_per_epoch
 
-    def two_views(self, seed: int, step: int, batch_size: int) -> ViewBatch:
+    def two_views(self, seed: int, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> ViewBatch:
+        """This rank's share of global step ``step`` (the loader was built for this rank)."""
+        self._check_rank(rank, world_size)
         epoch, position = divmod(step, self.steps_per_epoch(batch_size))
         if (epoch, position) != (self._epoch, self._position):
             self._iter = iter(self.loader.epoch(epoch))
@@ -166,7 +171,14 @@ class StreamViews:
         return ViewBatch(batch.x1.to(self.device, non_blocking=nb), batch.x2.to(self.device, non_blocking=nb),
                          batch.index.cpu())
 
-    def clean_batches(self, batch_size: int | None = None):
+    def _check_rank(self, rank: int, world_size: int) -> None:
+        if (rank, world_size) != (self.loader.rank, self.loader.world_size):
+            raise DataError(f"rank {rank} of {world_size}: the sharded loader was built for rank "
+                            f"{self.loader.rank} of {self.loader.world_size}")
+
+    def clean_batches(self, batch_size: int | None = None, rank: int = 0, world_size: int = 1):
+        """This rank's range, clean view, padding repeats dropped (so ranks may differ by one row)."""
+        self._check_rank(rank, world_size)
         for batch in self.loader.clean_batches(batch_size):
             keep = ~batch.padded
             yield batch.index[keep].cpu(), batch.clean[keep].to(self.device)
