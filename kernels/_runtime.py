@@ -14,6 +14,7 @@ Every launch is counted (``launch_count()``), so tests can check how many launch
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -94,28 +95,36 @@ class _UnboundHelper:
         raise RuntimeError(f"{self.fn.__name__} is a Triton device function: call it from a kernel")
 
 
-_HELPERS: list = []
+_HELPERS: dict = {}  # function -> its placeholder
 _BOUND: list = [None]  # the mode the helpers are bound in, once bound
 
 
 def helper(fn):
     """Decorator for a device function called from kernels, bound lazily like the kernels.
 
-    The name is rebound in the function's own module, so kernels must call it by that global name.
+    Kernels call it by a module-level name: its own module's, or one imported from there into
+    another module of this package (``bind_helpers`` rebinds every such name).
     """
-    _HELPERS.append(fn)
     if _BOUND[0] is not None:
         return _wrap(fn, _BOUND[0])
-    return _UnboundHelper(fn)
+    placeholder = _HELPERS[fn] = _UnboundHelper(fn)
+    return placeholder
 
 
 def bind_helpers(interpret: bool | None = None) -> None:
-    """Put every helper's mode-specific wrapper under its module-level name (idempotent per mode)."""
+    """Replace every helper placeholder in this package's modules by the mode's wrapper (once)."""
     mode = interpreting() if interpret is None else interpret
     if _BOUND[0] == mode or triton is None:
         return
-    for fn in _HELPERS:
-        fn.__globals__[fn.__name__] = _wrap(fn, mode)
+    wrapped = {id(placeholder): _wrap(fn, mode) for fn, placeholder in _HELPERS.items()}
+    package = __name__.rpartition(".")[0]
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == package or name.startswith(package + ".")):
+            continue
+        namespace = vars(module)
+        for key, value in list(namespace.items()):
+            if isinstance(value, _UnboundHelper) and id(value) in wrapped:
+                namespace[key] = wrapped[id(value)]
     _BOUND[0] = mode
 
 

@@ -54,6 +54,19 @@ def record_launches() -> list:
                 z = torch.rand(n, k, dtype=dtype).requires_grad_()
                 loss, _ = mk.confident_cross_entropy(z, torch.zeros(n, k), 0.3, torch.ones(k), balance)
                 loss.backward()
+        # the fused objective: one-tile (K + M <= 128) and wide paths, both weight modes and views
+        for n, k, m, dtype, mode, view, flags in [
+            (37, 10, 40, torch.float32, "mini", "prediction", True), (37, 10, 40, torch.bfloat16, "mini", "pseudo", False),
+            (37, 100, 20, torch.float32, "maxi", "prediction", True), (37, 100, 200, torch.float32, "mini", "prediction", True),
+            (37, 100, 200, torch.bfloat16, "maxi", "pseudo", False), (20, 3, 7, torch.float64, "mini", "prediction", True),
+        ]:
+            logits = [torch.rand(n, w, dtype=dtype) for w in (k, m, k, m)]
+            logits[0].requires_grad_()
+            logits[1].requires_grad_()
+            out = mk.head_objective(*logits, tau=0.3, delta=0.3, alpha=0.2, beta=0.5, mode=mode, weight_view=view,
+                                    target_normalize="weight_sum" if flags else "count", aux_balance=flags,
+                                    normalize_rows=flags)
+            out.loss.backward()
     finally:
         _runtime.LazyKernel.__getitem__, _runtime.interpreting = saved
     return recorded

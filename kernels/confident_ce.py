@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import accum_dtype, cdiv, check_launchable, kernel, next_pow2, scalar, tl, warps_for
+from ._runtime import accum_dtype, cdiv, check_launchable, helper, kernel, next_pow2, scalar, tl, warps_for
 
 __all__ = ["confident_cross_entropy"]
 
@@ -64,12 +64,13 @@ def _ce_forward_kernel(
     tl.atomic_add(nll_sum_ptr + cols, per_class_nll, mask=touched)
 
 
-@kernel
-def _ce_finish_kernel(
-    count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, loss_ptr, selected_ptr, num_classes,
+@helper
+def _ce_coefficients(
+    count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, num_classes,
     HAS_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, BY_WEIGHT: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Per-class sums -> coef[c] (written) and (loss, |S|) (returned); one program, BLOCK classes a step."""
     # Three short passes over the classes: |S|; per-class weights and the weighted sums; coef.
     counted = tl.zeros([BLOCK], dtype=ACC)
     for c0 in range(0, num_classes, BLOCK):
@@ -84,7 +85,7 @@ def _ce_finish_kernel(
         count = tl.load(count_ptr + cols, mask=live, other=0.0)
         w = tl.full([BLOCK], 1.0, ACC)
         if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=live, other=0.0)
+            w = tl.load(weight_ptr + cols, mask=live, other=0.0).to(ACC)
         if BALANCE:  # |S| / n_c in float32 (correctly rounded), as the reference, whatever the dtype
             share = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32) * num_selected.to(tl.float32),
                                    tl.maximum(count, 1.0).to(tl.float32))
@@ -96,14 +97,25 @@ def _ce_finish_kernel(
     denom = tl.sum(weight_mass, axis=0) if BY_WEIGHT else num_selected
     any_selected = num_selected > 0
     safe_denom = tl.where(any_selected, denom, 1.0)
-    tl.store(loss_ptr, tl.where(any_selected, total / safe_denom, 0.0))
-    tl.store(selected_ptr, num_selected.to(tl.int32))
     tl.debug_barrier()  # the per-class weights stored above are read back, maybe by other threads
     for c0 in range(0, num_classes, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         live = cols < num_classes
         w = tl.load(coef_ptr + cols, mask=live, other=0.0)
         tl.store(coef_ptr + cols, tl.where(any_selected, w / safe_denom, 0.0), mask=live)
+    return tl.where(any_selected, total / safe_denom, 0.0), num_selected
+
+
+@kernel
+def _ce_finish_kernel(
+    count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, loss_ptr, selected_ptr, num_classes,
+    HAS_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, BY_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    loss, num_selected = _ce_coefficients(count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, num_classes,
+                                          HAS_WEIGHT, BALANCE, BY_WEIGHT, ACC, BLOCK)
+    tl.store(loss_ptr, loss)
+    tl.store(selected_ptr, num_selected.to(tl.int32))
 
 
 @kernel

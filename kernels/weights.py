@@ -9,7 +9,7 @@ reference does, so the strict threshold flips at exactly the same counts.
 
 Both modes share one prologue: a "line" is a column (mini) or a row (maxi); ``_line_totals`` sums
 lines and ``_shares_above`` thresholds their shares. The block helpers are also called by the fused
-head objective (``head_objective.py``), which computes the weights inside its finishing program.
+head objective (``fused.py``), which computes the weights inside its finishing program.
 """
 
 from __future__ import annotations

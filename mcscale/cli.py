@@ -14,6 +14,33 @@ from mcscale import __version__
 
 
 BENCHMARKS = {"p2ot": "mcscale.bench_p2ot", "kernels": "mcscale.bench_kernels", "data": "mcscale.bench_data"}
+RESUME_AUTO = "auto"
+
+
+def _is_checkpoint_name(value: str) -> bool:
+    from mcscale.stage import CHECKPOINT_PATTERN
+
+    return bool(CHECKPOINT_PATTERN.match(Path(value).name))
+
+
+def _spell_out_resume(argv: list[str]) -> list[str]:
+    """``--resume key=value`` means resume (auto) plus an override, not ``--resume`` with the value
+    ``key=value``: write it ``--resume=auto key=value`` before argparse sees it."""
+    out = list(argv)
+    for i, item in enumerate(out[:-1]):
+        following = out[i + 1]
+        if item == "--resume" and "=" in following and not following.startswith("-") \
+                and not _is_checkpoint_name(following):
+            out[i] = f"--resume={RESUME_AUTO}"
+    return out
+
+
+def _resume_args(args, parser) -> None:
+    """args.resume: None, "auto" or a checkpoint path -> args.resume (bool) and args.resume_from."""
+    value = args.resume
+    if value is not None and value != RESUME_AUTO and not _is_checkpoint_name(value):
+        parser.error(f"--resume {value}: expected auto or a ckpt-NNNNNNN.pt file of --out")
+    args.resume, args.resume_from = value is not None, None if value in (None, RESUME_AUTO) else value
 
 
 def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
@@ -24,6 +51,11 @@ def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--seed", type=int, help="run seed (seed)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. cluster.tau=0.95")
+    p.add_argument(
+        "--resume", nargs="?", const=RESUME_AUTO, metavar="auto|CKPT",
+        help="continue the run in --out: from its latest good checkpoint (--resume or --resume auto; a newer"
+        " truncated or corrupt one is set aside), or from one of its ckpt-NNNNNNN.pt files",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="BYOL pre-training of the encoder")
     _add_run_options(p, "pretrain")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
     p = sub.add_parser("cluster", help="K-means head init, then Mini / Maxi / self-labelling training")
     _add_run_options(p, "cluster")
     p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
     from mcscale.shards.prepare import add_parser as add_prepare_parser
 
@@ -92,18 +122,28 @@ def _print_metrics(title: str, metrics: dict) -> None:
     print(metrics_table({"kmeans": metrics["kmeans"], "final": metrics["final"]}))
 
 
+def _resume_from(args) -> Path | None:
+    """The checkpoint of ``--resume CKPT``, checked before any work starts."""
+    if args.resume_from is None:
+        return None
+    from mcscale.stage import chosen_checkpoint
+
+    return chosen_checkpoint(args.out, args.resume_from)
+
+
 def _dispatch(args) -> int:
     if args.command == "pretrain":
         from mcscale.pretrain import run_pretrain
 
         cfg = _config_from_args(args, "pretrain")
-        path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu)
+        path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu, resume_from=_resume_from(args))
         print(f"encoder written to {path}")
     elif args.command == "cluster":
         from mcscale.cluster import run_cluster
 
         cfg = _config_from_args(args, "cluster")
-        metrics = run_cluster(cfg, args.encoder, args.out, resume=args.resume, force_cpu=args.cpu)
+        metrics = run_cluster(cfg, args.encoder, args.out, resume=args.resume, force_cpu=args.cpu,
+                              resume_from=_resume_from(args))
         _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
     elif args.command == "eval":
         from mcscale.cluster import run_eval
@@ -139,17 +179,25 @@ def _dispatch(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # overrides may come before or after options: collect every stray key=value
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_spell_out_resume(sys.argv[1:] if argv is None else argv))
     stray = [item for item in extra if "=" not in item or item.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
+    if hasattr(args, "resume"):
+        _resume_args(args, parser)
     if args.command is None:
         parser.print_help()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command is None:
         return 0
     from mcscale.config import ConfigError
     from mcscale.data.sources import DataError
@@ -167,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcscale: {stop}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
-        print("mcscale: interrupted; resume with the same command and --resume", file=sys.stderr)
+        print("mcscale: interrupted; resume with the same command and --resume auto", file=sys.stderr)
         return 130
 
 

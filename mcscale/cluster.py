@@ -76,6 +76,7 @@ def run_cluster(
     resume: bool = False,
     force_cpu: bool = False,
     overwrite: bool = False,
+    resume_from: str | Path | None = None,
 ) -> dict:
     device = pick_device(cfg.device, force_cpu)
     seed_everything(cfg.seed)
@@ -95,7 +96,7 @@ def run_cluster(
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     components = {"model": model, "optimizer": optimizer, "method": method}
-    state = restore_latest(out, components, "identity", identity) if resume else None
+    state = restore_latest(out, components, "identity", identity, chosen=resume_from) if resume else None
     # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
     write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
                             "num_samples": len(views), "class_counts": class_counts})

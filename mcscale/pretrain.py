@@ -69,7 +69,8 @@ def load_encoder(encoder_dir: Path, device: torch.device) -> tuple[torch.nn.Modu
 
 
 def run_pretrain(
-    cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False, overwrite: bool = False
+    cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False, overwrite: bool = False,
+    resume_from: str | Path | None = None,
 ) -> Path:
     out = prepare_out_dir(out_dir)
     if not resume:
@@ -89,7 +90,7 @@ def run_pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
 
     components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
-    state = restore_latest(out, components, "architecture", arch) if resume else None
+    state = restore_latest(out, components, "architecture", arch, chosen=resume_from) if resume else None
     write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
     step = state["step"] if state else 0
     log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
@@ -133,5 +134,6 @@ def run_pretrain(
         bar.close()
     log.close()
     encoder = byol.encoder().cpu()
-    atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step})
+    atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step},
+                      checksum=True)
     return out / ENCODER_FILE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -86,9 +87,61 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def atomic_torch_save(path: Path, obj) -> None:
+def atomic_torch_save(path: Path, obj, checksum: bool = False) -> None:
+    """torch.save, atomically; with ``checksum`` also a ``sha256sum -c`` sidecar (see write_checksum)."""
+    if checksum:  # a kill between the two writes must not leave the old sidecar beside the new file
+        checksum_path(path).unlink(missing_ok=True)
     with _atomic_target(path) as tmp:
         torch.save(obj, tmp)
+    if checksum:
+        write_checksum(path)
+
+
+# ---------------------------------------------------------------- checksums
+def checksum_path(path: Path) -> Path:
+    """``ckpt-0000040.pt`` -> ``ckpt-0000040.pt.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(path: Path) -> None:
+    """Write ``path``'s size and sha256 beside it (atomically), in the format of ``sha256sum``; the size
+    is on a comment line, which ``sha256sum -c`` skips."""
+    path = Path(path)
+    text = f"# size {path.stat().st_size}\n{sha256_of(path)}  {path.name}\n"
+    atomic_write_bytes(checksum_path(path), text.encode())
+
+
+def verify_checksum(path: Path) -> None:
+    """Raise RunError when ``path`` does not match its sidecar; a file without one (older runs) passes."""
+    path = Path(path)
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return
+    size, digest = None, None
+    for line in sidecar.read_text(errors="replace").splitlines():
+        if line.startswith("# size "):
+            size = line[len("# size "):].strip()
+        elif line.strip() and not line.startswith("#"):
+            digest = line.split()[0].lower()
+    if digest is None or size is None or not size.isdigit():
+        raise RunError(f"{sidecar}: not a checksum file of {path.name}; delete it to load the file unchecked")
+    actual_size = path.stat().st_size
+    if actual_size != int(size):
+        raise RunError(f"{path}: {actual_size} bytes, but {sidecar.name} says {size} (truncated or overwritten);"
+                       " delete it or resume from an older one")
+    actual = sha256_of(path)
+    if actual != digest:
+        raise RunError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., {sidecar.name} says {digest[:12]}...);"
+                       " the file is corrupt: delete it or resume from an older one")
 
 
 def write_csv(path, fieldnames, rows: list[dict]) -> None:
@@ -101,10 +154,12 @@ def write_csv(path, fieldnames, rows: list[dict]) -> None:
 
 
 def safe_torch_load(path: Path, map_location="cpu"):
-    """Load a checkpoint without running code from it (weights_only); refuse anything else clearly."""
+    """Load a checkpoint without running code from it (weights_only), after checking it against its
+    sha256 sidecar when there is one; refuse anything else clearly."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
+    verify_checksum(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -214,7 +269,7 @@ class StepGuard:
         if self.stop_requested and step < total:
             raise StopRequested(
                 f"stopped by {self.signal_name} at step {step}; checkpoint written to {run_dir};"
-                " continue with the same command plus --resume"
+                " continue with the same command and --resume auto"
             )
 
     def close(self) -> None:

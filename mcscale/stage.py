@@ -14,7 +14,14 @@ import yaml
 from mcscale import config as config_mod
 from mcscale.data.sources import long_tail, load_source
 from mcscale.data.views import InMemoryViews, augment_config
-from mcscale.runtime import JsonlLog, RunError, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from mcscale.runtime import (
+    JsonlLog,
+    RunError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    checksum_path,
+    safe_torch_load,
+)
 from mcscale.tb import ScalarWriter
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -109,25 +116,54 @@ def checkpoint_paths(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
+    """``ckpt-NNNNNNN.pt`` and its ``.sha256`` sidecar; only the newest KEEP_CHECKPOINTS are kept."""
     path = Path(run_dir) / f"ckpt-{step:07d}.pt"
-    atomic_torch_save(path, state)
+    atomic_torch_save(path, state, checksum=True)
     for _, old in checkpoint_paths(run_dir)[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
+        _remove_with_checksum(old)
     return path
 
 
+def _remove_with_checksum(path: Path) -> None:
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Rename a checkpoint (and its sidecar) to ``*.pt<suffix>``: kept for inspection, no longer a
+    checkpoint, so out of the way of the keep-the-last-two pruning."""
+    aside = path.with_name(path.name + suffix)
+    path.rename(aside)
+    sidecar = checksum_path(path)
+    if sidecar.exists():
+        sidecar.rename(sidecar.with_name(sidecar.name + suffix))
+    return aside
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads. A newer one that does not (truncated, or not plain tensors)
-    is renamed to ``*.pt.unusable`` with a notice: kept for inspection, out of the way of the
-    keep-the-last-two pruning of the run that now continues."""
+    """The newest checkpoint that loads. A newer one that does not (truncated, not plain tensors, or
+    not matching its sha256 sidecar) is renamed to ``*.pt.unusable`` with a notice."""
     for _, path in reversed(checkpoint_paths(run_dir)):
         try:
             return safe_torch_load(path), path
         except RunError as err:
-            aside = path.with_name(path.name + ".unusable")
-            path.rename(aside)
+            aside = _set_aside(path, ".unusable")
             print(f"mcscale: skipping checkpoint {path.name} (renamed to {aside.name}): {err}")
     return None
+
+
+def chosen_checkpoint(run_dir: Path, value: str | Path) -> Path:
+    """``--resume PATH``: one of the ``ckpt-NNNNNNN.pt`` files of ``run_dir`` (a bare name is looked up there)."""
+    path = Path(value)
+    if path.parent == Path("."):
+        path = Path(run_dir) / path
+    if not CHECKPOINT_PATTERN.match(path.name) or path.resolve().parent != Path(run_dir).resolve():
+        raise RunError(f"--resume {value}: not a checkpoint of --out {run_dir}; give one of its ckpt-NNNNNNN.pt"
+                       " files, or --resume auto for the latest")
+    if not path.is_file():
+        have = ", ".join(p.name for _, p in checkpoint_paths(run_dir)) or "none"
+        raise RunError(f"--resume {value}: no such checkpoint (--out {run_dir} has: {have})")
+    return path
 
 
 RUN_FILES = ("log.jsonl", "metrics.json", "encoder.pt")
@@ -142,17 +178,25 @@ def start_fresh(run_dir: Path, overwrite: bool = False) -> None:
             " add --resume to continue it or pick a new --out"
         )
     for _, path in old:
-        path.unlink()
+        _remove_with_checksum(path)
     for name in RUN_FILES:
-        (Path(run_dir) / name).unlink(missing_ok=True)
+        _remove_with_checksum(Path(run_dir) / name)
 
 
-def restore_latest(run_dir: Path, components: dict, identity_key: str, identity: dict) -> dict | None:
+def restore_latest(
+    run_dir: Path, components: dict, identity_key: str, identity: dict, chosen: str | Path | None = None
+) -> dict | None:
     """Load the newest good checkpoint into ``components`` (name -> object with load_state_dict).
 
+    ``chosen`` (``--resume PATH``): that checkpoint of ``run_dir`` instead; once it is known to fit,
+    the newer ones are renamed to ``*.pt.abandoned``, so the run continues from it alone.
     Returns the checkpoint (for its step and other plain values), or None when there is none.
     """
-    found = latest_checkpoint(run_dir)
+    if chosen is not None:
+        path = chosen_checkpoint(run_dir, chosen)
+        found = safe_torch_load(path), path
+    else:
+        found = latest_checkpoint(run_dir)
     if found is None:
         print(f"mcscale: no checkpoint in {run_dir}; starting from the beginning")
         return None
@@ -160,6 +204,12 @@ def restore_latest(run_dir: Path, components: dict, identity_key: str, identity:
     check_compatible(state[identity_key], identity, path)
     for name, component in components.items():
         component.load_state_dict(state[name])
+    if chosen is not None:
+        number = int(CHECKPOINT_PATTERN.match(path.name).group(1))
+        for later, newer in checkpoint_paths(run_dir):
+            if later > number:
+                aside = _set_aside(newer, ".abandoned")
+                print(f"mcscale: setting aside {newer.name} (renamed to {aside.name}): newer than {path.name}")
     print(f"mcscale: resumed from {path.name} at step {state['step']}")
     return state
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mcscale.cli import main
+from mcscale.cli import main, parse_args
 from mcscale.config import CONFIG_DIR, ConfigError, load_config
 
 
@@ -102,6 +102,36 @@ def test_unknown_cli_argument(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["pretrain", "--config", "digits_lt", "--out", "x", "--bogus"])
     assert exc.value.code == 2
+
+
+RUN = ["cluster", "--config", "digits_lt", "--encoder", "enc", "--out", "run"]
+
+
+@pytest.mark.parametrize(
+    "extra,resume,resume_from,overrides",
+    [
+        ([], False, None, []),
+        (["--resume"], True, None, []),
+        (["--resume", "auto"], True, None, []),
+        (["--resume=auto", "cluster.tau=0.9"], True, None, ["cluster.tau=0.9"]),
+        # a key=value after --resume is an override, not the value of --resume
+        (["--resume", "cluster.tau=0.9"], True, None, ["cluster.tau=0.9"]),
+        (["cluster.tau=0.9", "--resume", "cluster.num_aux=30"], True, None, ["cluster.tau=0.9", "cluster.num_aux=30"]),
+        (["--resume", "--seed", "3", "seed=4"], True, None, ["seed=4"]),
+        (["--resume", "ckpt-0000040.pt", "cluster.tau=0.9"], True, "ckpt-0000040.pt", ["cluster.tau=0.9"]),
+        (["--resume", "runs/tau=0.9/ckpt-0000040.pt"], True, "runs/tau=0.9/ckpt-0000040.pt", []),
+    ],
+)
+def test_resume_option_parsing(extra, resume, resume_from, overrides):
+    args = parse_args([*RUN, *extra])
+    assert (args.resume, args.resume_from, args.overrides) == (resume, resume_from, overrides)
+
+
+def test_resume_value_that_is_neither_auto_nor_a_checkpoint(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*RUN, "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--resume latest: expected auto or a ckpt-NNNNNNN.pt file of --out" in err
 
 
 # ---------------------------------------------------------------- configs
