@@ -28,7 +28,8 @@ import torch
 from mcscale.augment import AugmentConfig
 from mcscale.data.sources import DataError
 from mcscale.shards import batch as B
-from mcscale.shards.format import load_manifest, sha256_file
+from mcscale.shards.base import ShardLoader
+from mcscale.shards.format import sha256_file
 
 LUMA = (0.299, 0.587, 0.114)  # as mcscale.augment / torchvision
 READER = "reader"
@@ -46,42 +47,23 @@ def dali_available() -> bool:
     return True
 
 
-class DaliLoader:
+class DaliLoader(ShardLoader):
     def __init__(self, manifest_dir, batch_size: int, *, augment: AugmentConfig | None = None,
                  image_size: int | None = None, mean=None, std=None, rank: int = 0, world_size: int = 1,
                  num_threads: int = 2, seed: int = 0, with_clean: bool = False, shuffle_buffer: int = 1000,
                  device: str = "auto", device_id: int | None = None):
-        B.check_split(rank, world_size, batch_size)
         if device not in ("auto", "cpu", "gpu"):
             raise DataError(f"dali device: {device!r}; choose auto, cpu or gpu")
-        self.manifest = load_manifest(manifest_dir, need_index=True)  # missing shard / index: DataError
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.augment = augment or AugmentConfig()
-        h, w, _ = self.manifest.image_shape
-        self.stored_size = h if h is not None and h == w else None
-        if image_size is None and self.stored_size is None:
-            raise DataError(f"{self.manifest.root / 'manifest.json'}: images are not of one square size; "
-                            "set data.image_size")
-        self.image_size = int(image_size or self.stored_size)
-        self.mean = list(self.manifest.mean if mean is None else mean)
-        self.std = list(self.manifest.std if std is None else std)
-        self.num_threads, self.seed, self.with_clean = num_threads, seed, with_clean
-        self.shuffle_buffer = shuffle_buffer
         use_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
         if use_gpu and not torch.cuda.is_available():
             raise DataError("dali device gpu: no CUDA device is visible; use device cpu")
+        super().__init__(manifest_dir, batch_size, augment=augment, image_size=image_size, mean=mean, std=std,
+                         rank=rank, world_size=world_size, seed=seed, with_clean=with_clean,
+                         shuffle_buffer=shuffle_buffer, need_index=True)  # missing index: DataError
+        self.num_threads = num_threads
         self.device_id = (torch.cuda.current_device() if device_id is None else device_id) if use_gpu else None
-        self.steps_per_epoch = B.steps_per_epoch(self.num_samples, world_size, batch_size)
         self._train = None  # (iterator, next epoch it is positioned at) while at an epoch boundary
         self._clean = {}
-
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
-
-    @property
-    def channels(self) -> int:
-        return self.manifest.channels
 
     @property
     def gpu(self) -> bool:

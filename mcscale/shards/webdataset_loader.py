@@ -24,33 +24,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mcscale.augment import AugmentConfig
 from mcscale.data.sources import DataError
 from mcscale.shards import batch as B
-from mcscale.shards.format import IMAGE_EXTS, load_manifest
+from mcscale.shards.base import ShardLoader
+from mcscale.shards.format import IMAGE_EXTS
 from mcscale.shards.transforms import CleanTransform, strong_transform
 
 
-class WebDatasetLoader:
+class WebDatasetLoader(ShardLoader):
     def __init__(self, manifest_dir, batch_size: int, *, augment: AugmentConfig | None = None,
                  image_size: int | None = None, mean=None, std=None, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, with_clean: bool = False, shuffle_buffer: int = 1000,
                  pin_memory: bool = False):
-        B.check_split(rank, world_size, batch_size)
-        self.manifest = load_manifest(manifest_dir)  # missing / truncated shards: DataError now
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.augment = augment or AugmentConfig()
-        self.image_size = image_size or _stored_size(self.manifest)
-        self.mean = list(self.manifest.mean if mean is None else mean)
-        self.std = list(self.manifest.std if std is None else std)
-        self.num_workers, self.seed, self.with_clean = num_workers, seed, with_clean
-        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
-        self.steps_per_epoch = B.steps_per_epoch(self.num_samples, world_size, batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
-
-    @property
-    def channels(self) -> int:
-        return self.manifest.channels
+        super().__init__(manifest_dir, batch_size, augment=augment, image_size=image_size, mean=mean, std=std,
+                         rank=rank, world_size=world_size, seed=seed, with_clean=with_clean,
+                         shuffle_buffer=shuffle_buffer)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def epoch(self, epoch: int):
         """Exactly ``steps_per_epoch`` ShardBatches of ``batch_size``: two strong views (+ clean)."""
@@ -80,14 +67,6 @@ class WebDatasetLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=g,
                             pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None)
         return _checked(loader)
-
-
-def _stored_size(manifest) -> int:
-    h, w, _ = manifest.image_shape
-    if h is None or h != w:
-        raise DataError(f"{manifest.root / 'manifest.json'}: images are {h}x{w} (not one square size); "
-                        "set data.image_size")
-    return int(h)
 
 
 def _checked(loader):
