@@ -110,8 +110,28 @@ class HeadGuided:
         )
         return c.alpha * l_m + c.beta * l_s, {"l_m": _value(l_m), "l_s": _value(l_s), "n_confident_m": n_m}
 
+    def uses_fused_kernels(self) -> bool:
+        """The Triton ops' fused head objective (3 launches a step) covers the CE loss on one batch's counts."""
+        c = self.cfg
+        return hasattr(self.ops, "head_objective") and c.loss == "ce" and c.weight_estimate == "batch"
+
+    def fused_batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2) -> BatchResult:
+        """``batch_loss`` by ``ops.head_objective``: the same values, weights, counts and gradients."""
+        c = self.cfg
+        out = self.ops.head_objective(
+            logits_t1, logits_m1, logits_t2, logits_m2, tau=c.tau, delta=c.delta, alpha=c.alpha, beta=c.beta,
+            mode=self.mode, weight_view=c.weight_view, target_normalize=c.target_normalize,
+            aux_balance=c.aux_balance, normalize_rows=c.similarity_normalize_rows,
+        )
+        self.recent_counts.append(out.counts)
+        stats = out.values()  # one device-to-host copy
+        skip = stats["n_confident_t"] == 0 or stats["n_confident_m"] == 0  # as below
+        return BatchResult(None if skip else out.loss, stats, out.weights)
+
     def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
         c = self.cfg
+        if self.uses_fused_kernels():
+            return self.fused_batch_loss(logits_t1, logits_m1, logits_t2, logits_m2)
         label_source = (logits_t1, logits_m1) if c.weight_view == "prediction" else (logits_t2, logits_m2)
         weights = self.estimate_weights(*label_source)
         l_r, n_t = self.target_loss(logits_t1, logits_t2, weights)
