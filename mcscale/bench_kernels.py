@@ -7,11 +7,17 @@ weights from view-1 argmaxes, weight-sum normalisation, class-balanced L_m, cosi
 (a) ``eager``: written like the authors' code: N x N cosine-similarity matrices, bincount, boolean
     indexing and F.cross_entropy.
 (b) ``compile``: ``torch.compile`` of (a).
-(c) ``triton``: ``mcscale.kernels`` (CUDA only: the CPU interpreter is no speed measurement).
+(c) ``fused``: ``mcscale.kernels.head_objective``, the whole step in 3 Triton launches (4 when
+    K + M > 128).
+(d) ``ops``: the per-op kernels of ``mcscale.kernels`` composed as HeadGuided did before (c): about a
+    dozen launches a step.
+(c) and (d) run on CUDA only: the CPU interpreter is no speed measurement.
 
 Timing: median over ``repeats`` steps after two warm-up steps (CUDA events on CUDA, wall clock on
-CPU); the first step's time (compilation included) is kept as ``first_ms``. Every row records the device
-and the torch / triton versions. ``mcscale bench kernels [--out FILE] [--repeats R] [--threads T]``.
+CPU); the first step's time (compilation included) is kept as ``first_ms``. ``launches`` is the number
+of Triton launches in one step, forward and backward (counted by ``mcscale.kernels.launch_count``;
+empty for (a) and (b), whose kernels are not counted). Every row records the device and the torch /
+triton versions. ``mcscale bench kernels [--out FILE] [--repeats R] [--threads T]``.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ SIZES = tuple((n, k, m) for n in (512, 4096) for k, m in ((10, 40), (200, 100), 
 DELTA, TAU, ALPHA, BETA = 0.3, 0.99, 0.2, 0.5  # CIFAR-10 r10 settings of METHOD.md section 5
 FIELDS = [
     "device", "torch", "triton", "n", "k", "m", "variant", "repeats", "median_ms", "first_ms",
-    "speedup_vs_eager", "peak_mem_mb", "loss", "error",
+    "speedup_vs_eager", "launches", "peak_mem_mb", "loss", "error",
 ]
 
-__all__ = ["run", "main", "eager_objective", "triton_objective", "SIZES"]
+__all__ = ["run", "eager_objective", "fused_objective", "triton_objective", "SIZES"]
 
 
 def eager_objective(lt1, lm1, lt2, lm2, delta=DELTA, tau=TAU, alpha=ALPHA, beta=BETA):
@@ -65,8 +71,15 @@ def eager_objective(lt1, lm1, lt2, lm2, delta=DELTA, tau=TAU, alpha=ALPHA, beta=
     return loss_r + alpha * loss_m + beta * loss_s
 
 
+def fused_objective(lt1, lm1, lt2, lm2, delta=DELTA, tau=TAU, alpha=ALPHA, beta=BETA):
+    """The same objective from ``mcscale.kernels.head_objective`` (one fused step, no host sync)."""
+    from mcscale import kernels as mk
+
+    return mk.head_objective(lt1, lm1, lt2, lm2, tau=tau, delta=delta, alpha=alpha, beta=beta, mode="mini").loss
+
+
 def triton_objective(lt1, lm1, lt2, lm2, delta=DELTA, tau=TAU, alpha=ALPHA, beta=BETA):
-    """The same objective from ``mcscale.kernels`` (Gram-form L_s, fused confident CE)."""
+    """The same objective from the per-op kernels of ``mcscale.kernels`` (Gram-form L_s, confident CE)."""
     from mcscale import kernels as mk
 
     k, m = lt1.shape[1], lm1.shape[1]
@@ -161,8 +174,19 @@ def _variants(cuda: bool):
 
     variants = [("eager", lambda: eager_objective), ("compile", compiled)]
     if cuda:
-        variants.append(("triton", lambda: triton_objective))
+        variants += [("fused", lambda: fused_objective), ("ops", lambda: triton_objective)]
     return variants
+
+
+def _launches(name: str, fn: Callable, inputs) -> int | str:
+    """Triton launches in one step of a Triton variant; "" for the PyTorch ones (not counted)."""
+    if name not in ("fused", "ops"):
+        return ""
+    from mcscale import kernels as mk
+
+    before = mk.launch_count()
+    _step(fn, inputs)
+    return mk.launch_count() - before
 
 
 @contextlib.contextmanager
@@ -214,8 +238,10 @@ def _run_size(n: int, k: int, m: int, device: str, cuda: bool, env: dict, repeat
         row = dict(env, n=n, k=k, m=m, variant=name, repeats=repeats)
         try:
             inputs = make_inputs(n, k, m, device)
-            first, median, loss, peak = _time_steps(build(), inputs, repeats, cuda)
-            row.update(median_ms=round(median, 3), first_ms=round(first, 1), loss=f"{loss:.6g}")
+            fn = build()
+            first, median, loss, peak = _time_steps(fn, inputs, repeats, cuda)
+            row.update(median_ms=round(median, 3), first_ms=round(first, 1), loss=f"{loss:.6g}",
+                       launches=_launches(name, fn, inputs))
             row["peak_mem_mb"] = "" if peak is None else round(peak, 1)
             eager_ms = median if name == "eager" else eager_ms
             if eager_ms:
@@ -232,7 +258,7 @@ def _run_size(n: int, k: int, m: int, device: str, cuda: bool, env: dict, repeat
 
 
 _COLUMNS = (("n", 5), ("k", 5), ("m", 5), ("variant", 8), ("median_ms", 10), ("first_ms", 10),
-            ("speedup_vs_eager", 8), ("peak_mem_mb", 10), ("error", 0))
+            ("speedup_vs_eager", 8), ("launches", 8), ("peak_mem_mb", 10), ("error", 0))
 
 
 def _format_row(row: dict) -> str:

@@ -281,15 +281,16 @@ def test_bench_objectives_agree():
     from mcscale import bench_kernels as bench
 
     results = []
-    for fn in (bench.eager_objective, bench.triton_objective):
+    for fn in (bench.eager_objective, bench.triton_objective, bench.fused_objective):
         inputs = bench.make_inputs(64, 10, 40, DEVICE)
         loss = fn(*inputs)
         loss.backward()
         results.append((loss.item(), inputs[0].grad.cpu(), inputs[1].grad.cpu()))
-    (ref, *ref_grads), (got, *got_grads) = results
-    assert got == pytest.approx(ref, rel=1e-5)
-    for x, y in zip(got_grads, ref_grads):
-        assert torch.allclose(x, y, rtol=0, atol=1e-5 * y.abs().max().item())
+    (ref, *ref_grads), *others = results
+    for got, *got_grads in others:
+        assert got == pytest.approx(ref, rel=1e-5)
+        for x, y in zip(got_grads, ref_grads):
+            assert torch.allclose(x, y, rtol=0, atol=1e-5 * y.abs().max().item())
 
 
 def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
@@ -306,6 +307,18 @@ def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
     assert rows[0]["torch"] == torch.__version__ and written[0]["device"].startswith("cpu")
     assert float(written[0]["median_ms"]) > 0 and written[0]["error"] == ""
     assert "median_ms" in capsys.readouterr().out
+
+
+def test_bench_counts_launches_of_the_triton_variants(tmp_path, monkeypatch):
+    from mcscale import bench_kernels as bench
+
+    variants = [("eager", lambda: bench.eager_objective), ("fused", lambda: bench.fused_objective),
+                ("ops", lambda: bench.triton_objective)]
+    monkeypatch.setattr(bench, "_variants", lambda cuda: variants)
+    rows = bench.run(str(tmp_path / "bench.csv"), device=DEVICE, repeats=1, sizes=[(32, 3, 7)])
+    assert [(r["variant"], r["launches"], r["error"]) for r in rows] == [("eager", "", ""), ("fused", 3, ""),
+                                                                          ("ops", 12, "")]
+    assert rows[1]["loss"] == rows[0]["loss"]
 
 
 if NEEDS_FRESH_PROCESS:  # only the runner above is collected here; the rest runs in its subprocess
