@@ -7,6 +7,7 @@ non-zero exit: 2 for configuration errors (found before any work starts), 1 for 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (kernels, data; data defaults to 1 on CPU)")
 
     p = sub.add_parser("eval", help="re-evaluate the latest checkpoint of a clustering run")
-    p.add_argument("--run", required=True, help="folder written by `mcscale cluster`")
+    # positional too: torchrun's own parser takes `--run` for an abbreviation of its --run-path
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help="folder written by `mcscale cluster` (or --run RUN)")
+    p.add_argument("--run", help="folder written by `mcscale cluster`")
     p.add_argument("--cpu", action="store_true")
 
     p = sub.add_parser("report", help="figures and an offline report.html in RUN/report/")
@@ -115,11 +118,16 @@ def _config_from_args(args, stage: str):
     return load_config(args.config, overrides)
 
 
+def _say(text: str) -> None:
+    """Print once per job: on rank 0 of a multi-process run (every rank ends with the same result)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def _print_metrics(title: str, metrics: dict) -> None:
     from mcscale.report import metrics_table
 
-    print(title)
-    print(metrics_table({"kmeans": metrics["kmeans"], "final": metrics["final"]}))
+    _say(title + "\n" + metrics_table({"kmeans": metrics["kmeans"], "final": metrics["final"]}))
 
 
 def _resume_from(args) -> Path | None:
@@ -137,7 +145,7 @@ def _dispatch(args) -> int:
 
         cfg = _config_from_args(args, "pretrain")
         path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu, resume_from=_resume_from(args))
-        print(f"encoder written to {path}")
+        _say(f"encoder written to {path}")
     elif args.command == "cluster":
         from mcscale.cluster import run_cluster
 
@@ -147,6 +155,11 @@ def _dispatch(args) -> int:
         _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
     elif args.command == "eval":
         from mcscale.cluster import run_eval
+        from mcscale.runtime import RunError
+
+        args.run = args.run or args.run_dir
+        if not args.run:
+            raise RunError("eval: name the run folder (mcscale eval RUN, or --run RUN)")
 
         metrics = run_eval(args.run, force_cpu=args.cpu)
         _print_metrics(f"re-evaluated {args.run}", metrics)
@@ -203,20 +216,34 @@ def main(argv: list[str] | None = None) -> int:
     from mcscale.data.sources import DataError
     from mcscale.runtime import RunError, StopRequested
 
+    # under a multi-process launcher, lines from ranks other than 0 say which rank they come from
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f"mcscale[rank {rank}]" if rank else "mcscale"
     try:
         return _dispatch(args)
     except ConfigError as err:
-        print(f"mcscale: config error: {err}", file=sys.stderr)
+        print(f"{tag}: config error: {err}", file=sys.stderr)
         return 2
     except (DataError, RunError) as err:
-        print(f"mcscale: error: {err}", file=sys.stderr)
+        print(f"{tag}: error: {err}", file=sys.stderr)
         return 1
     except StopRequested as stop:
-        print(f"mcscale: {stop}", file=sys.stderr)
+        if not rank:
+            print(f"{tag}: {stop}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
-        print("mcscale: interrupted; resume with the same command and --resume auto", file=sys.stderr)
+        print(f"{tag}: interrupted; resume with the same command and --resume auto", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group a multi-process run joined (torch warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,30 +8,35 @@ from pathlib import Path
 
 import torch
 
+from mcscale import parallel
 from mcscale.config import Config, check_against_data
+from mcscale.distributed import COMM
 from mcscale.evaluate import full_metrics, predict, weight_tracking
+from mcscale.global_bn import convert_batchnorm
 from mcscale.kmeans import spherical_kmeans
 from mcscale.methods import build_method
 from mcscale.models import ClusterModel
+from mcscale.parallel import Parallel
 from mcscale.pretrain import build_byol, load_encoder
 from mcscale.runtime import (
     RunError,
     StepGuard,
     atomic_write_json,
     pick_device,
-    prepare_out_dir,
     progress,
     seed_everything,
 )
 from mcscale.stage import (
     RunLogger,
     check_compatible,
+    check_world_size,
     latest_checkpoint,
     load_views,
+    load_weights,
+    open_run_folder,
     read_run_config,
-    restore_latest,
+    restore_on_all_ranks,
     save_checkpoint,
-    start_fresh,
     write_config,
 )
 
@@ -43,19 +48,30 @@ def _identity(cfg: Config, k: int, arch: dict) -> dict:
             "method": cfg.cluster.method, "cosine_head": cosine}
 
 
-def _init_heads(model: ClusterModel, views, cfg: Config, k: int) -> dict:
-    """Spherical K-means with K and with M clusters on clean-view features; returns the baseline."""
-    features = predict(model, views)["features"]
+def _init_heads(model: ClusterModel, views, cfg: Config, k: int, par: Parallel) -> dict:
+    """Spherical K-means with K and with M clusters on clean-view features of the whole set (every
+    rank's share gathered), on rank 0; its centres and assignment are broadcast, so every rank starts
+    from the same heads. Returns the K-means baseline assignment."""
+    features = predict(model, views, par)["features"]
     c = cfg.cluster
-    centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
-    centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend, c.kmeans_redo)
+    dim, n = features.shape[1], features.shape[0]
+    if par.is_main:
+        centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+        centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend,
+                                        c.kmeans_redo)
+        shared = [centers_t.float(), centers_m.float(), assign.long()]
+    else:
+        shared = [torch.zeros(k, dim), torch.zeros(c.num_aux, dim), torch.zeros(n, dtype=torch.long)]
+    centers_t, centers_m, assign = [par.broadcast(t.to(par.device)) for t in shared]
     model.init_heads(centers_t.to(features.dtype), centers_m.to(features.dtype), c.head_scale)
     return assign.cpu().numpy()
 
 
-def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with_predictions: bool = False):
-    """Metrics of the model on the clean view (and the predictions themselves when asked)."""
-    preds = predict(model, views)
+def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with_predictions: bool = False,
+                   par: Parallel | None = None):
+    """Metrics of the model on the clean view (and the predictions themselves when asked). Under
+    several ranks every rank predicts its share and gets (and scores) the whole set."""
+    preds = predict(model, views, par)
     result = full_metrics(labels, preds["target"].numpy(), class_counts)
     c = cfg.cluster
     if c.method in ("mini", "maxi") or (c.method == "p2ot" and cfg.p2ot.mini_weights):
@@ -78,94 +94,123 @@ def run_cluster(
     overwrite: bool = False,
     resume_from: str | Path | None = None,
 ) -> dict:
-    device = pick_device(cfg.device, force_cpu)
+    par = parallel.setup(cfg.device, force_cpu)
+    device = par.device
+    c = cfg.cluster
+    parallel.check_global_batch(c.batch_size, par.world_size, "cluster.batch_size")
     seed_everything(cfg.seed)
-    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size)
+    subset, class_counts, views = load_views(cfg, device, c.batch_size, par)
     k = check_against_data(cfg, len(views), subset.num_classes)
-    out = prepare_out_dir(out_dir)
-    if not resume:
-        start_fresh(out, overwrite)
+    out = open_run_folder(par, out_dir, resume, overwrite)
     labels = subset.labels
     encoder, arch = load_encoder(encoder_dir, device)
     model = build_cluster_model(cfg, encoder, arch, device, k)
+    if par.active and cfg.distributed.sync_batchnorm:
+        convert_batchnorm(model)
+    par.broadcast_state(model)
     identity = _identity(cfg, k, arch)
-    c = cfg.cluster
     per_epoch = views.steps_per_epoch(c.batch_size)
     total = cfg.max_steps or c.epochs * per_epoch
     method = build_method(cfg, k, total, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     components = {"model": model, "optimizer": optimizer, "method": method}
-    state = restore_latest(out, components, "identity", identity, chosen=resume_from) if resume else None
+    state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from) if resume else None
+    if state:
+        check_world_size(state, par.world_size, cfg.data.loader != "tensor", out)
     # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
-    write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
-                            "num_samples": len(views), "class_counts": class_counts})
+    if par.is_main:
+        write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
+                                "num_samples": len(views), "class_counts": class_counts,
+                                "world_size": par.world_size})
     if state:
         step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
     else:
-        baseline = _init_heads(model, views, cfg, k)
+        baseline = _init_heads(model, views, cfg, k, par)
         kmeans_metrics = full_metrics(labels, baseline, class_counts)
         step, skipped = 0, 0
-        atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
-    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
+        if par.is_main:
+            atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
+    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
+
+    def evaluate(**kwargs):
+        result = evaluate_model(model, views, labels, class_counts, cfg, k, par=par, **kwargs)
+        COMM.reset()  # comm_bytes counts training steps only, not the gathers of an evaluation
+        return result
+
     if step == 0:
-        log.eval(0, evaluate_model(model, views, labels, class_counts, cfg, k))
+        metrics0 = evaluate()
+        if log:
+            log.eval(0, metrics0)
 
     def checkpoint():
-        save_checkpoint(out, step, {
-            "step": step, "skipped": skipped, "identity": identity, "architecture": arch, "kmeans": kmeans_metrics,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-        })
+        if par.is_main:
+            save_checkpoint(out, step, {
+                "step": step, "skipped": skipped, "identity": identity, "architecture": arch,
+                "kmeans": kmeans_metrics, "world_size": par.world_size, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+            })
+        par.barrier()  # no rank moves on (or exits) before the checkpoint exists
 
     # counted in images so the bar shows throughput (img/s) beside the time remaining
     images_per_step = min(c.batch_size, len(views))
     bar = progress(total=total * images_per_step, initial=step * images_per_step, desc=f"cluster[{c.method}]",
-                   unit="img", unit_scale=True)
+                   unit="img", unit_scale=True, disable=not par.is_main or None)
     guard = StepGuard(cfg.max_nonfinite_steps)
     model.train()
+    COMM.reset()
     try:
         while step < total:
-            batch = views.two_views(cfg.seed, step, c.batch_size)
+            batch = views.two_views(cfg.seed, step, c.batch_size, par.rank, par.world_size)
             with torch.set_grad_enabled(method.trains_both_views):
                 logits_t2, logits_m2 = model(batch.x2)
             logits_t1, logits_m1 = model(batch.x1)
             result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
+            # the loss is the global batch's on every rank: all ranks take the same decision here
             finite = result.loss is None or guard.loss_is_finite(result.loss, step, batch.index)
             if result.loss is None:
                 skipped += 1
             elif finite:
                 optimizer.zero_grad(set_to_none=True)
                 result.loss.backward()
+                par.average_gradients(model.parameters())
                 optimizer.step()
             step += 1
             record = {"step": step, "epoch": (step - 1) // per_epoch,
                       "loss": float(result.loss.detach()) if result.loss is not None and finite else None,
                       **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
                       "lr": optimizer.param_groups[0]["lr"]}
+            if par.active:
+                record["comm_bytes"] = COMM.take()  # this rank's messages in this step's collectives
             if not finite:
                 record.update({"nonfinite": True, "indices": batch.index.tolist()})
             if result.weights is not None:
                 record["weights"] = [round(float(w), 4) for w in result.weights]
-            log.step(record)
+            if log:
+                log.step(record)
             bar.update(images_per_step)
             bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
             if c.eval_every and step % c.eval_every == 0 and step < total:
-                log.eval(step, evaluate_model(model, views, labels, class_counts, cfg, k))
-            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out)
+                metrics_now = evaluate()
+                if log:
+                    log.eval(step, metrics_now)
+            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out, agree=par.any if par.active else None)
     finally:
         guard.close()
         bar.close()
-    final, preds = evaluate_model(model, views, labels, class_counts, cfg, k, with_predictions=True)
+    final, preds = evaluate(with_predictions=True)
     final["skipped_batches"] = skipped
     final["steps"] = step
-    log.eval(step, final)
-    log.close()
     metrics = {"kmeans": kmeans_metrics, "final": final}
-    atomic_write_json(out / "metrics.json", metrics)
-    if cfg.logging.report:
-        from mcscale.reporting import prediction_arrays, write_report
+    if log:
+        log.eval(step, final)
+        log.close()
+        atomic_write_json(out / "metrics.json", metrics)
+        if cfg.logging.report:
+            from mcscale.reporting import prediction_arrays, write_report
 
-        write_report(out, predictions=prediction_arrays(preds, labels), step=step, force_cpu=force_cpu)
+            write_report(out, predictions=prediction_arrays(preds, labels), step=step, force_cpu=force_cpu)
+    par.barrier()
     return metrics
 
 
@@ -182,31 +227,39 @@ class LoadedRun:
     num_clusters: int
 
 
-def load_cluster_run(run_dir: str | Path, force_cpu: bool = False) -> LoadedRun:
+def load_cluster_run(run_dir: str | Path, force_cpu: bool = False, par: Parallel | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg, extra = read_run_config(run_dir)
     if extra.get("stage") != "cluster":
         raise RunError(f"--run {run_dir}: not a clustering run (config.yaml says stage {extra.get('stage')!r})")
-    device = pick_device(cfg.device, force_cpu)
+    device = par.device if par is not None else pick_device(cfg.device, force_cpu)
     found = latest_checkpoint(run_dir)
     if found is None:
         raise RunError(f"--run {run_dir}: no checkpoint; the run has not reached its first checkpoint")
     state, path = found
-    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size)
+    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size, par)
     k = extra["num_clusters"]
     arch = state["architecture"]
     model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
     check_compatible(state["identity"], _identity(cfg, k, arch), path)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return LoadedRun(cfg, state, model, subset, class_counts, views, k)
 
 
 def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
-    """Re-evaluate the latest checkpoint of a clustering run."""
-    run = load_cluster_run(run_dir, force_cpu)
-    final = evaluate_model(run.model, run.views, run.subset.labels, run.class_counts, run.cfg, run.num_clusters)
+    """Re-evaluate the latest checkpoint of a clustering run (each rank predicts its share under a
+    multi-process launcher; rank 0 writes metrics.json)."""
+    run_cfg, _ = read_run_config(Path(run_dir))
+    par = parallel.setup(run_cfg.device, force_cpu)
+    # rank 0 settles on the checkpoint (setting broken ones aside) before the others look
+    par.on_main(lambda: latest_checkpoint(Path(run_dir)) and None)
+    run = load_cluster_run(run_dir, force_cpu, par)
+    final = evaluate_model(run.model, run.views, run.subset.labels, run.class_counts, run.cfg, run.num_clusters,
+                           par=par)
     final["steps"] = run.state["step"]
     final["skipped_batches"] = run.state["skipped"]
     metrics = {"kmeans": run.state["kmeans"], "final": final}
-    atomic_write_json(Path(run_dir) / "metrics.json", metrics)
+    if par.is_main:
+        atomic_write_json(Path(run_dir) / "metrics.json", metrics)
+    par.barrier()
     return metrics

@@ -74,12 +74,12 @@ def _small_cnn(in_channels: int) -> tuple[nn.Module, int]:
 
 
 def _feature_mlp(input_dim: int) -> tuple[nn.Module, int]:
-    """For precomputed embeddings: two Linear-BN-ReLU layers."""
+    """For precomputed embeddings: two Linear-BN-ReLU layers (no Linear bias: BatchNorm removes it)."""
     net = nn.Sequential(
-        nn.Linear(input_dim, 1024),
+        nn.Linear(input_dim, 1024, bias=False),
         nn.BatchNorm1d(1024),
         nn.ReLU(inplace=True),
-        nn.Linear(1024, 512),
+        nn.Linear(1024, 512, bias=False),
         nn.BatchNorm1d(512),
         nn.ReLU(inplace=True),
     )
@@ -114,11 +114,15 @@ def feature_dim_of(module: nn.Module, example_input: Tensor) -> int:
 
 # ---------------------------------------------------------------- BYOL
 class MLP(nn.Sequential):
-    """Linear - BatchNorm1d - ReLU - Linear: the BYOL projector and predictor."""
+    """Linear - BatchNorm1d - ReLU - Linear: the BYOL projector and predictor.
+
+    The first Linear has no bias: the BatchNorm after it subtracts the batch mean, so a bias there has
+    zero gradient and would only drift with round-off (and with the optimiser's own noise).
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__(
-            nn.Linear(in_dim, hidden_dim),
+            nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),

@@ -7,18 +7,28 @@ from pathlib import Path
 
 import torch
 
+from mcscale import parallel
 from mcscale.config import Config
+from mcscale.distributed import COMM, all_reduce_sum
+from mcscale.global_bn import convert_batchnorm
 from mcscale.models import BYOL, build_backbone, byol_momentum
 from mcscale.runtime import (
     RunError,
     StepGuard,
     atomic_torch_save,
-    pick_device,
-    prepare_out_dir,
     progress,
     seed_everything,
 )
-from mcscale.stage import RunLogger, load_views, restore_latest, save_checkpoint, start_fresh, write_config
+from mcscale.stage import (
+    RunLogger,
+    check_world_size,
+    load_views,
+    load_weights,
+    open_run_folder,
+    restore_on_all_ranks,
+    save_checkpoint,
+    write_config,
+)
 
 ENCODER_FILE = "encoder.pt"
 
@@ -64,7 +74,7 @@ def load_encoder(encoder_dir: Path, device: torch.device) -> tuple[torch.nn.Modu
     saved = safe_torch_load(path)
     arch = saved["architecture"]
     encoder = build_byol(arch).encoder()
-    encoder.load_state_dict(saved["encoder"])
+    load_weights(encoder, saved["encoder"], path)
     return encoder.to(device), arch
 
 
@@ -72,15 +82,18 @@ def run_pretrain(
     cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False, overwrite: bool = False,
     resume_from: str | Path | None = None,
 ) -> Path:
-    out = prepare_out_dir(out_dir)
-    if not resume:
-        start_fresh(out, overwrite)
-    device = pick_device(cfg.device, force_cpu)
+    par = parallel.setup(cfg.device, force_cpu)
+    device = par.device
+    p = cfg.pretrain
+    parallel.check_global_batch(p.batch_size, par.world_size, "pretrain.batch_size")
+    out = open_run_folder(par, out_dir, resume, overwrite)
     seed_everything(cfg.seed)
-    subset, counts, views = load_views(cfg, device, cfg.pretrain.batch_size)
+    subset, counts, views = load_views(cfg, device, p.batch_size, par)
     arch = architecture(cfg, views)
     byol = build_byol(arch).to(device)
-    p = cfg.pretrain
+    if par.active and cfg.distributed.sync_batchnorm:
+        convert_batchnorm(byol)
+    par.broadcast_state(byol)
     optimizer = torch.optim.SGD(
         byol.param_groups(p.lr, p.predictor_lr_mult, p.weight_decay), lr=p.lr, momentum=p.momentum
     )
@@ -90,50 +103,69 @@ def run_pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
 
     components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
-    state = restore_latest(out, components, "architecture", arch, chosen=resume_from) if resume else None
-    write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts})
+    state = restore_on_all_ranks(par, out, components, "architecture", arch, resume_from) if resume else None
+    if state:
+        check_world_size(state, par.world_size, cfg.data.loader != "tensor", out)
+    if par.is_main:
+        write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts,
+                                "world_size": par.world_size})
     step = state["step"] if state else 0
-    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None)
+    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
 
     def checkpoint():
-        save_checkpoint(out, step, {
-            "step": step, "architecture": arch, "model": byol.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        })
+        if par.is_main:
+            save_checkpoint(out, step, {
+                "step": step, "architecture": arch, "world_size": par.world_size, "model": byol.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            })
+        par.barrier()  # no rank moves on (or exits) before the checkpoint exists
 
     # counted in images so the bar shows throughput (img/s) beside the time remaining
     images_per_step = min(p.batch_size, len(views))
     bar = progress(total=total * images_per_step, initial=step * images_per_step, desc="BYOL", unit="img",
-                   unit_scale=True)
+                   unit_scale=True, disable=not par.is_main or None)
     guard = StepGuard(cfg.max_nonfinite_steps)
     byol.train()
+    COMM.reset()
     try:
         while step < total:
-            batch = views.two_views(cfg.seed, step, p.batch_size)
+            batch = views.two_views(cfg.seed, step, p.batch_size, par.rank, par.world_size)
             loss = byol(batch.x1, batch.x2)
-            finite = guard.loss_is_finite(loss, step, batch.index)
+            # equal rows per rank: the global batch's loss is the mean of the ranks' means, and
+            # averaging the ranks' gradients gives its gradient; every rank sees the same value
+            global_loss = all_reduce_sum(loss.detach()) / par.world_size
+            finite = guard.loss_is_finite(global_loss, step, batch.index)
             if finite:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                par.average_gradients(byol.parameters())
                 optimizer.step()
             scheduler.step()
             momentum = byol_momentum(step, total, p.ema) if p.ema_schedule == "cosine" else p.ema
             if finite:
                 byol.update_target(momentum)
             step += 1
-            record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": float(loss.detach()) if finite else None,
+            record = {"step": step, "epoch": (step - 1) // per_epoch,
+                      "loss": float(global_loss) if finite else None,
                       "lr": optimizer.param_groups[0]["lr"], "ema": momentum}
+            if par.active:
+                record["comm_bytes"] = COMM.take()
             if not finite:
                 record.update({"nonfinite": True, "indices": batch.index.tolist()})
-            log.step(record)
+            if log:
+                log.step(record)
             bar.update(images_per_step)
             bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
-            guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out)
+            guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out, agree=par.any if par.active else None)
     finally:
         guard.close()
         bar.close()
+    if not par.is_main:
+        par.barrier()
+        return out / ENCODER_FILE
     log.close()
     encoder = byol.encoder().cpu()
     atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step},
                       checksum=True)
+    par.barrier()  # the other ranks return once the encoder exists
     return out / ENCODER_FILE

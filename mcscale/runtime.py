@@ -262,11 +262,18 @@ class StepGuard:
             )
         return False
 
-    def end_of_step(self, step: int, total: int, every: int, save, run_dir) -> None:
-        """Checkpoint on schedule, at the end, or when asked to stop; then stop if asked."""
-        if step % every == 0 or step == total or self.stop_requested:
+    def end_of_step(self, step: int, total: int, every: int, save, run_dir, agree=None) -> None:
+        """Checkpoint on schedule, at the end, or when asked to stop; then stop if asked.
+
+        ``agree(flag) -> bool`` (several ranks): true on every rank when any rank was signalled, so
+        all ranks checkpoint and stop at the same step.
+        """
+        stop = self.stop_requested if agree is None else agree(self.stop_requested)
+        if stop and self.signal_name is None:
+            self.signal_name = "a signal to another rank"
+        if step % every == 0 or step == total or stop:
             save()
-        if self.stop_requested and step < total:
+        if stop and step < total:
             raise StopRequested(
                 f"stopped by {self.signal_name} at step {step}; checkpoint written to {run_dir};"
                 " continue with the same command and --resume auto"

@@ -20,6 +20,7 @@ from mcscale.runtime import (
     atomic_torch_save,
     atomic_write_bytes,
     checksum_path,
+    prepare_out_dir,
     safe_torch_load,
 )
 from mcscale.tb import ScalarWriter
@@ -72,14 +73,14 @@ class ShardedSubset:
     num_classes: int
 
 
-def _load_sharded_views(cfg: config_mod.Config, device: torch.device, batch_size: int):
+def _load_sharded_views(cfg: config_mod.Config, device: torch.device, batch_size: int, rank: int, world_size: int):
     from mcscale.shards.batch import StreamViews
     from mcscale.shards.loaders import build_loader
 
     d = cfg.data
     loader = build_loader(
-        d.loader, d.shards, batch_size, num_workers=d.num_workers, augment=augment_config(cfg.augment),
-        image_size=d.image_size, seed=cfg.seed,
+        d.loader, d.shards, batch_size // world_size, num_workers=d.num_workers, augment=augment_config(cfg.augment),
+        image_size=d.image_size, seed=cfg.seed, rank=rank, world_size=world_size,
     )
     views = StreamViews(loader, device)
     labels = views.labels.numpy()
@@ -87,12 +88,14 @@ def _load_sharded_views(cfg: config_mod.Config, device: torch.device, batch_size
     return ShardedSubset(labels, len(counts)), counts, views
 
 
-def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | None = None):
+def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | None = None, parallel=None):
     """The long-tailed subset of the configured source: in-memory views on ``device`` (data.loader
-    tensor), or a sharded loader's stream (webdataset / dali) built for ``batch_size``."""
+    tensor; every rank holds it all and takes its rows of each global batch), or a sharded loader's
+    stream (webdataset / dali) built for this rank's share of the global ``batch_size``."""
     d = cfg.data
     if d.loader != "tensor":
-        return _load_sharded_views(cfg, device, batch_size or cfg.cluster.batch_size)
+        rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+        return _load_sharded_views(cfg, device, batch_size or cfg.cluster.batch_size, rank, world)
     source = load_source(
         d.source, d.root, image_size=d.load_size, split=d.split, labels_file=d.labels_file, num_workers=d.num_workers
     )
@@ -229,3 +232,59 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------- several ranks
+def open_run_folder(par, out_dir, resume: bool, overwrite: bool = False) -> Path:
+    """The run folder, checked (and emptied of an old run unless resuming) by rank 0 alone."""
+    def prepare():
+        out = prepare_out_dir(out_dir)
+        if not resume:
+            start_fresh(out, overwrite)
+        return str(out)
+
+    return Path(par.on_main(prepare))
+
+
+def restore_on_all_ranks(par, run_dir: Path, components: dict, identity_key: str, identity: dict,
+                         chosen=None) -> dict | None:
+    """``restore_latest`` on rank 0 (which may set broken checkpoints aside); every other rank then
+    loads the very checkpoint rank 0 settled on, so all ranks hold the same state."""
+    restored = {}
+
+    def choose():
+        restored["state"] = restore_latest(run_dir, components, identity_key, identity, chosen)
+        return None if restored["state"] is None else restored["state"]["step"]
+
+    step = par.on_main(choose)
+    if par.is_main or step is None:
+        return restored.get("state")
+    state = safe_torch_load(Path(run_dir) / f"ckpt-{step:07d}.pt")
+    for name, component in components.items():
+        component.load_state_dict(state[name])
+    return state
+
+
+def check_world_size(state: dict, world_size: int, sharded: bool, path_hint: Path) -> None:
+    """A checkpoint holds global state only (batches are functions of the step, statistics are
+    global), so the tensor loader resumes on any number of ranks, equal up to float rounding. The
+    sharded loaders' position depends on the rank split: they must resume on the same world size."""
+    saved = state.get("world_size", 1)
+    if saved == world_size:
+        return
+    if sharded:
+        raise RunError(f"{path_hint}: written by {saved} rank(s), resumed on {world_size}; a sharded loader "
+                       f"(data.loader) splits data by rank: launch with {saved} processes")
+    print(f"mcscale: checkpoint written by {saved} rank(s), resuming on {world_size}: same batches, numbers "
+          "equal up to float rounding")
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
+    """``module.load_state_dict`` with a one-line error naming the file when the shapes or names
+    differ (a checkpoint of another architecture, or of an older mcscale)."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise RunError(f"{path}: its weights do not fit this model ({detail[:200]}); "
+                       "it was written by another architecture or mcscale version: train again") from None

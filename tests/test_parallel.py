@@ -1,0 +1,320 @@
+"""Multi-process training on CPU (2 gloo ranks): the pieces against single-process references, then
+`torchrun` / `accelerate launch` runs of the real CLI against the 1-process run (issue 5).
+
+The end-to-end runs are a few steps of the tiny digits setting of test_end_to_end.py; every rank
+holds half of each global batch, and the logged losses, estimated weights, parameters and metrics
+must equal those of one process holding the whole batch (relative 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mcscale.cli import main
+
+WORLD = 2
+SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128",
+         "logging.report=false", "cluster.tau=0.2", "cluster.checkpoint_every=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# ---------------------------------------------------------------- pieces, in a spawned 2-rank group
+def _digits_views():
+    from mcscale.config import load_config
+    from mcscale.stage import load_views
+
+    cfg = load_config("digits_lt", ["model.proj_dim=16"])
+    _, _, views = load_views(cfg, torch.device("cpu"))
+    return views
+
+
+class _TinyClusterModel(torch.nn.Module):
+    """features / heads like ClusterModel, with a BatchNorm so eval-mode statistics matter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12), torch.nn.BatchNorm1d(12))
+        self.head_t, self.head_m = torch.nn.Linear(12, 4), torch.nn.Linear(12, 9)
+        self.body[2].running_mean.uniform_(-0.5, 0.5)
+
+    def features(self, x):
+        return self.body(x)
+
+    def heads(self, f):
+        return self.head_t(f), self.head_m(f)
+
+
+def _batchnorm_inputs():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 5, 4, generator=g) * 2 + 1
+    weights = torch.randn(7, 3, 5, 4, generator=g)  # the loss: sum(y * weights)
+    return x, weights
+
+
+BN_SPLIT = (3, 4)  # uneven on purpose
+
+
+def _batchnorm_case(rank: int) -> dict:
+    from mcscale.global_bn import convert_batchnorm
+
+    x, weights = _batchnorm_inputs()
+    lo = sum(BN_SPLIT[:rank])
+    rows = slice(lo, lo + BN_SPLIT[rank])
+    torch.manual_seed(1)
+    bn = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3)))[0]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    local = x[rows].clone().requires_grad_(True)
+    y = bn(local)
+    (y * weights[rows]).sum().backward()
+    return {"y": y.detach(), "grad_x": local.grad, "grad_w": bn.weight.grad, "grad_b": bn.bias.grad,
+            "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
+
+
+def _predict_case(rank: int) -> dict:
+    from mcscale.evaluate import predict
+    from mcscale.parallel import Parallel
+
+    views = _digits_views()
+    model = _TinyClusterModel()
+    return predict(model, views, Parallel(rank, WORLD, torch.device("cpu")))
+
+
+def _worker(rank: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    results = {}
+    for name, case in (("batchnorm", _batchnorm_case), ("predict", _predict_case)):
+        try:
+            results[name] = case(rank)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parallel")
+    context = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-rank gloo workers did not finish within 150 s")
+    results = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r, result in enumerate(results):
+        for name, value in result.items():
+            assert "error" not in value, f"rank {r}, {name}:\n{value.get('error')}"
+    return results
+
+
+def test_global_batchnorm_equals_batchnorm_of_the_whole_batch(ranks):
+    x, weights = _batchnorm_inputs()
+    torch.manual_seed(1)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    whole = x.clone().requires_grad_(True)
+    y = bn(whole)
+    (y * weights).sum().backward()
+    got = [r["batchnorm"] for r in ranks]
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([g["grad_x"] for g in got]), whole.grad, **close)
+    # the parameters' gradient is what averaging over ranks would apply times W: the sum
+    torch.testing.assert_close(got[0]["grad_w"] + got[1]["grad_w"], bn.weight.grad, **close)
+    torch.testing.assert_close(got[0]["grad_b"] + got[1]["grad_b"], bn.bias.grad, **close)
+    for g in got:  # running statistics: unbiased variance of the whole batch, on every rank
+        torch.testing.assert_close(g["running_mean"], bn.running_mean, **close)
+        torch.testing.assert_close(g["running_var"], bn.running_var, **close)
+
+
+def test_distributed_predict_equals_single_process_on_an_odd_sized_set(ranks):
+    from mcscale.evaluate import predict
+
+    views = _digits_views()
+    assert len(views) % WORLD == 1  # 707 samples: the ranks hold 353 and 354
+    expected = predict(_TinyClusterModel(), views)
+    for r in range(WORLD):
+        got = ranks[r]["predict"]
+        assert torch.equal(got["target"], expected["target"]) and torch.equal(got["aux"], expected["aux"])
+        torch.testing.assert_close(got["features"], expected["features"], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- pieces that need no process group
+def test_rank_shares_of_a_global_batch_are_the_single_process_rows():
+    views = _digits_views()
+    whole = views.two_views(5, 7, 96)
+    parts = [views.two_views(5, 7, 96, rank=r, world_size=3) for r in range(3)]
+    for field in ("x1", "x2", "index"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field)), field
+    with pytest.raises(ValueError, match="not divisible"):
+        views.two_views(5, 7, 96, rank=0, world_size=5)
+
+
+def test_clean_shares_cover_every_sample_once():
+    views = _digits_views()
+    seen = torch.cat([index for r in range(3) for index, _ in views.clean_batches(100, rank=r, world_size=3)])
+    assert torch.equal(seen, torch.arange(len(views)))
+
+
+def test_indivisible_global_batch_is_refused_by_name():
+    from mcscale.config import ConfigError
+    from mcscale.parallel import check_global_batch
+
+    assert check_global_batch(128, 2, "cluster.batch_size") == 64
+    with pytest.raises(ConfigError, match="cluster.batch_size: the global batch 130 does not split over 4"):
+        check_global_batch(130, 4, "cluster.batch_size")
+
+
+def test_world_size_change_on_resume_rules(tmp_path, capsys):
+    from mcscale.runtime import RunError
+    from mcscale.stage import check_world_size
+
+    check_world_size({"world_size": 2}, 2, sharded=True, path_hint=tmp_path)
+    check_world_size({"world_size": 1}, 2, sharded=False, path_hint=tmp_path)
+    assert "resuming on 2" in capsys.readouterr().out
+    with pytest.raises(RunError, match="launch with 1 processes"):
+        check_world_size({}, 2, sharded=True, path_hint=tmp_path)
+
+
+# ---------------------------------------------------------------- the CLI under a launcher
+def _launch(launcher: str, *args: str) -> subprocess.CompletedProcess:
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+        env = ENV
+    else:  # the shipped template for two CPU ranks
+        template = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "cpu_two_ranks.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(template)]
+        env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([*cmd, "-m", "mcscale", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _steps(run: Path) -> list[dict]:
+    return [r for r in _records(run) if "eval" not in r]
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| over the whole tensor. Not element-wise: Adam's first steps
+    move a weight by about lr * sign(gradient), so a weight whose gradient is zero up to rounding
+    (summed in another order on two ranks) may move differently by up to lr per step."""
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+
+
+def _compared(state: dict) -> list[str]:
+    return [name for name, value in state.items() if value.is_floating_point()]
+
+
+def _final_params(run: Path) -> dict:
+    from mcscale.stage import latest_checkpoint
+
+    state, _ = latest_checkpoint(run)
+    return state["model"]
+
+
+def _assert_runs_equal(one: Path, two: Path, keys=("loss", "l_r", "l_m", "l_s")):
+    a, b = _steps(one), _steps(two)
+    assert len(a) == len(b) > 0
+    for ra, rb in zip(a, b):
+        assert ra["skipped"] == rb["skipped"] and ra["n_confident_t"] == rb["n_confident_t"]
+        for key in keys:
+            # L_s = (|A'A|^2 + |B'B|^2 - 2|A'B|^2) / N^2 cancels: terms of order 1 leave a value that can
+            # be 1e-5, so in float32 it is good to about 1e-7 absolute in ANY summation order
+            tolerance = dict(rel=1e-4, abs=1e-6) if key == "l_s" else dict(rel=1e-5, abs=1e-7)
+            if ra.get(key) is not None:
+                assert rb[key] == pytest.approx(ra[key], **tolerance), (ra["step"], key)
+        if "weights" in ra:
+            assert rb["weights"] == pytest.approx(ra["weights"], rel=1e-5)
+    pa, pb = _final_params(one), _final_params(two)
+    assert pa.keys() == pb.keys()
+    for name in _compared(pa):
+        assert _relative_error(pb[name], pa[name]) <= 1e-5, name
+    ma = json.loads((one / "metrics.json").read_text())
+    mb = json.loads((two / "metrics.json").read_text())
+    for part in ("kmeans", "final"):
+        for key in ("acc", "caa", "nmi", "ari"):
+            assert mb[part][key] == pytest.approx(ma[part][key], abs=1e-9), (part, key)
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """BYOL pre-training for 3 steps on one process and on two ranks."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    args = ["pretrain", "--config", "digits_lt", "--cpu", "--batch-size", "128", "--max-steps", "3", *SMALL]
+    assert main([*args, "--out", str(tmp / "one")]) == 0
+    _launch("torchrun", *args, "--out", str(tmp / "two"))
+    return tmp / "one", tmp / "two"
+
+
+@pytest.mark.timeout(400)
+def test_pretrain_on_two_ranks_equals_one_process(encoders):
+    one, two = encoders
+    a, b = _steps(one), _steps(two)
+    assert [r["step"] for r in b] == [1, 2, 3] and all(r["comm_bytes"] > 0 for r in b)
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    ea = torch.load(one / "encoder.pt", weights_only=True)["encoder"]
+    eb = torch.load(two / "encoder.pt", weights_only=True)["encoder"]
+    for name in _compared(ea):
+        assert _relative_error(eb[name], ea[name]) <= 1e-5, name
+
+
+def _cluster_args(encoder: Path, out: Path, *extra: str) -> list[str]:
+    return ["cluster", "--config", "digits_lt", "--cpu", "--encoder", str(encoder), "--out", str(out), *SMALL, *extra]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("extra", [
+    ("cluster.method=mini",),
+    ("cluster.method=p2ot", "p2ot.mini_weights=true", "p2ot.cosine_head=true", "p2ot.buffer_batches=2"),
+], ids=["mini", "p2ot_mini"])
+def test_cluster_on_two_ranks_equals_one_process(encoders, tmp_path, extra):
+    encoder = encoders[0]
+    assert main(_cluster_args(encoder, tmp_path / "one", "--max-steps", "4", *extra)) == 0
+    _launch("torchrun", *_cluster_args(encoder, tmp_path / "two", "--max-steps", "4", *extra))
+    assert all(r["comm_bytes"] > 0 for r in _steps(tmp_path / "two"))  # it really ran on several ranks
+    _assert_runs_equal(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.timeout(400)
+def test_resume_on_another_world_size_and_eval_under_accelerate(encoders, tmp_path):
+    """One process runs 2 steps; two ranks (accelerate launch) resume it to 4; that equals one process
+    running 4 steps. Then `eval` on two ranks reproduces the final metrics."""
+    encoder = encoders[0]
+    assert main(_cluster_args(encoder, tmp_path / "one", "--max-steps", "4")) == 0
+    assert main(_cluster_args(encoder, tmp_path / "mixed", "--max-steps", "2")) == 0
+    done = _launch("accelerate", *_cluster_args(encoder, tmp_path / "mixed", "--max-steps", "4", "--resume"))
+    assert "written by 1 rank(s), resuming on 2" in done.stdout
+    records = _steps(tmp_path / "mixed")
+    assert [("comm_bytes" in r) for r in records] == [False, False, True, True]
+    _assert_runs_equal(tmp_path / "one", tmp_path / "mixed")
+    before = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["final"]
+    _launch("torchrun", "eval", str(tmp_path / "mixed"), "--cpu")
+    after = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["final"]
+    assert after["acc"] == before["acc"] and after["nmi"] == before["nmi"] and after["steps"] == 4
