@@ -95,7 +95,7 @@ class _UnboundHelper:
         raise RuntimeError(f"{self.fn.__name__} is a Triton device function: call it from a kernel")
 
 
-_HELPERS: dict = {}  # function -> its placeholder
+_HELPERS: dict = {}  # function -> every object its names have held (placeholder, then wrappers)
 _BOUND: list = [None]  # the mode the helpers are bound in, once bound
 
 
@@ -105,26 +105,29 @@ def helper(fn):
     Kernels call it by a module-level name: its own module's, or one imported from there into
     another module of this package (``bind_helpers`` rebinds every such name).
     """
-    if _BOUND[0] is not None:
-        return _wrap(fn, _BOUND[0])
-    placeholder = _HELPERS[fn] = _UnboundHelper(fn)
-    return placeholder
+    bound = _UnboundHelper(fn) if _BOUND[0] is None else _wrap(fn, _BOUND[0])
+    _HELPERS[fn] = [bound]
+    return bound
 
 
 def bind_helpers(interpret: bool | None = None) -> None:
-    """Replace every helper placeholder in this package's modules by the mode's wrapper (once)."""
+    """Put the mode's wrapper under every name in this package that holds one of a helper's objects."""
     mode = interpreting() if interpret is None else interpret
     if _BOUND[0] == mode or triton is None:
         return
-    wrapped = {id(placeholder): _wrap(fn, mode) for fn, placeholder in _HELPERS.items()}
+    replace = {}
+    for fn, held in _HELPERS.items():
+        wrapper = _wrap(fn, mode)
+        replace.update({id(obj): wrapper for obj in held})
+        held.append(wrapper)  # kept alive, so the ids above stay unique
     package = __name__.rpartition(".")[0]
     for name, module in list(sys.modules.items()):
         if module is None or not (name == package or name.startswith(package + ".")):
             continue
         namespace = vars(module)
         for key, value in list(namespace.items()):
-            if isinstance(value, _UnboundHelper) and id(value) in wrapped:
-                namespace[key] = wrapped[id(value)]
+            if id(value) in replace:
+                namespace[key] = replace[id(value)]
     _BOUND[0] = mode
 
 
