@@ -318,3 +318,50 @@ def test_resume_on_another_world_size_and_eval_under_accelerate(encoders, tmp_pa
     _launch("torchrun", "eval", str(tmp_path / "mixed"), "--cpu")
     after = json.loads((tmp_path / "mixed" / "metrics.json").read_text())["final"]
     assert after["acc"] == before["acc"] and after["nmi"] == before["nmi"] and after["steps"] == 4
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """RANK -> pid of the worker processes below ``parent`` (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == parent:  # torchrun's workers are its children
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the ranks")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(encoders, tmp_path):
+    import signal
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "mcscale", *_cluster_args(encoders[0], out, "--max-steps", "400", "cluster.checkpoint_every=1000")]
+    launcher = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            log = out / "log.jsonl"
+            if log.exists() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        ranks = _rank_pids(launcher.pid)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGTERM)  # only rank 1 hears it
+        stdout, stderr = launcher.communicate(timeout=200)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal to another rank" in stderr
+    step = max(r["step"] for r in _steps(out))
+    assert 3 <= step < 400
+    assert (out / f"ckpt-{step:07d}.pt").is_file()  # rank 0 wrote the checkpoint of the agreed step
