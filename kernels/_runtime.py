@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = _NoTritonLanguage()
 
 __all__ = [
-    "triton", "tl", "kernel", "helper", "bind_helpers", "launch_count", "interpreting", "check_launchable", "scalar", "accum_dtype", "split_f64",
-    "next_pow2", "cdiv", "warps_for",
+    "triton", "tl", "kernel", "helper", "bind_helpers", "launch_count", "interpreting", "check_launchable",
+    "scalar", "accum_dtype", "split_f64", "next_pow2", "cdiv", "warps_for",
 ]
 
 

@@ -56,9 +56,12 @@ def record_launches() -> list:
                 loss.backward()
         # the fused objective: one-tile (K + M <= 128) and wide paths, both weight modes and views
         for n, k, m, dtype, mode, view, flags in [
-            (37, 10, 40, torch.float32, "mini", "prediction", True), (37, 10, 40, torch.bfloat16, "mini", "pseudo", False),
-            (37, 100, 20, torch.float32, "maxi", "prediction", True), (37, 100, 200, torch.float32, "mini", "prediction", True),
-            (37, 100, 200, torch.bfloat16, "maxi", "pseudo", False), (20, 3, 7, torch.float64, "mini", "prediction", True),
+            (37, 10, 40, torch.float32, "mini", "prediction", True),
+            (37, 10, 40, torch.bfloat16, "mini", "pseudo", False),
+            (37, 100, 20, torch.float32, "maxi", "prediction", True),
+            (37, 100, 200, torch.float32, "mini", "prediction", True),
+            (37, 100, 200, torch.bfloat16, "maxi", "pseudo", False),
+            (20, 3, 7, torch.float64, "mini", "prediction", True),
         ]:
             logits = [torch.rand(n, w, dtype=dtype) for w in (k, m, k, m)]
             logits[0].requires_grad_()

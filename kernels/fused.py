@@ -7,20 +7,22 @@ CE of the aux head), L_s (similarity alignment in Gram form) and L = L_r + alpha
 forward and backward into the prediction-view logits of both heads. The pseudo-label view gets no
 gradient.
 
-Launches (counted by ``_runtime.launch_count``; nothing else runs on the device, no memset):
+Launches (counted by ``_runtime.launch_count``; nothing else runs on the device, no memset, once
+the first call has cached tau and delta there):
 
-1. ``_head_rows_kernel`` (one program per block of rows): softmax statistics of the four logit matrices,
-   the count labels, pseudo-labels, per-row NLL, and C = [U_t | U_m] (the rows of both heads'
-   probabilities, L2-normalised when ``normalize_rows``) written to a scratch. When K + M fits one
-   tile (next power of two <= 128, the CIFAR / STL settings) each program also writes its partial
-   Gram matrix C_blk^T C_blk.
-2. ``_head_finish_kernel`` (one program): the contingency matrix (zeroed, then scattered with atomics),
-   the class weights (the helpers of ``weights.py``), the per-class CE sums and coefficients (the
-   helper of ``confident_ce.py``), the Gram matrix G (sum of the partials), G' = (s s^T) * G,
-   L_s = sum(G' * G) / N^2 and the total loss.
+1. ``_head_rows_kernel`` (one program per block of rows): softmax statistics of the four logit
+   matrices, the count labels, pseudo-labels, per-row NLL, and C = [U_t | U_m] (the rows of both
+   heads' probabilities, L2-normalised when ``normalize_rows``) written to a scratch. When K + M
+   fits one tile (next power of two <= 128, the CIFAR / STL settings) each program also writes its
+   partial Gram matrix C_blk^T C_blk.
+2. ``_head_finish_kernel`` (one program): the contingency matrix (zeroed, then scattered with
+   atomics), the class weights (the helpers of ``weights.py``), the per-class CE sums and
+   coefficients (the helper of ``confident_ce.py``), the Gram matrix G (sum of the partials),
+   G' = (s s^T) * G, L_s = sum(G' * G) / N^2 and the total loss.
 3. ``_head_grad_kernel`` (backward, one program per block of rows):
    dz = g * (coef[y] (p - onehot(y)) + beta * u * (D - r u)), D = (4 / N^2) C G', r = u . D per head
-   (without row normalisation u = p and the last term is D - r): the normalisation and softmax
+   (alpha is folded into the aux head's coef; without row normalisation u = p and the last term is
+   D - r): the normalisation and softmax
    backwards collapse to this because d(p / |p|) is orthogonal to p.
 
 So a step is 2 launches forward + 1 backward = 3. For wider heads (K + M > 128: Tiny-ImageNet,

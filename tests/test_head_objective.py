@@ -165,6 +165,13 @@ def test_every_option(monkeypatch, path, options):
         _compare(_config(k, m, **options), k, _logits(37, k, m, seed=5), torch.float32)
 
 
+@pytest.mark.parametrize("k,m", [(100, 40), (150, 20)])
+def test_wide_heads_at_their_own_tile_sizes(k, m):
+    """K + M > 128 without shrunk tiles: Gram tiles of 64, 128-column chunks, 4 launches a step."""
+    ref, got = _compare(_config(k, m), k, _logits(24, k, m, seed=k), torch.float32)
+    assert got[6] == 4 == fused.LAUNCHES_PER_STEP["wide"]
+
+
 def test_strided_inputs():
     lt1, lm1, lt2, lm2 = _logits(37, 10, 40, seed=8)
     # Column-major and sliced views: the kernels take strides, the reference does not care.
