@@ -94,10 +94,10 @@ def run_cluster(
     overwrite: bool = False,
     resume_from: str | Path | None = None,
 ) -> dict:
+    c = cfg.cluster
+    parallel.check_global_batch(c.batch_size, parallel.launched_world_size(), "cluster.batch_size")
     par = parallel.setup(cfg.device, force_cpu)
     device = par.device
-    c = cfg.cluster
-    parallel.check_global_batch(c.batch_size, par.world_size, "cluster.batch_size")
     seed_everything(cfg.seed)
     subset, class_counts, views = load_views(cfg, device, c.batch_size, par)
     k = check_against_data(cfg, len(views), subset.num_classes)

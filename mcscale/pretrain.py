@@ -82,10 +82,10 @@ def run_pretrain(
     cfg: Config, out_dir: str | Path, resume: bool = False, force_cpu: bool = False, overwrite: bool = False,
     resume_from: str | Path | None = None,
 ) -> Path:
+    p = cfg.pretrain
+    parallel.check_global_batch(p.batch_size, parallel.launched_world_size(), "pretrain.batch_size")
     par = parallel.setup(cfg.device, force_cpu)
     device = par.device
-    p = cfg.pretrain
-    parallel.check_global_batch(p.batch_size, par.world_size, "pretrain.batch_size")
     out = open_run_folder(par, out_dir, resume, overwrite)
     seed_everything(cfg.seed)
     subset, counts, views = load_views(cfg, device, p.batch_size, par)

@@ -192,3 +192,29 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(capsys, tmp_path):
     code, err = _run(capsys, *args, "--seed", "5")
     assert code == 1 and "--resume" in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of the old run touched
+
+
+def test_encoder_of_another_architecture_is_one_line(capsys, tmp_path):
+    """An encoder.pt whose weights do not fit the architecture it names (here: an extra key)."""
+    import torch
+
+    from mcscale.pretrain import build_byol
+
+    arch = {"backbone": "small_cnn", "in_channels": 1, "input_dim": 0, "cifar_stem": True, "proj_hidden": 32,
+            "proj_dim": 16, "image_size": 8}
+    weights = build_byol(arch).encoder().state_dict()
+    weights["1.0.bias"] = torch.zeros(32)  # what a projector Linear had before it lost its bias
+    torch.save({"architecture": arch, "encoder": weights, "steps": 1}, tmp_path / "encoder.pt")
+    code, err = _run(capsys, "cluster", "--config", "digits_lt", "--cpu", "--encoder", str(tmp_path),
+                     "--out", str(tmp_path / "o"), "model.proj_hidden=32", "model.proj_dim=16")
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "encoder.pt: its weights do not fit this model" in err and "1.0.bias" in err
+
+
+def test_indivisible_global_batch_under_two_ranks(capsys, tmp_path, monkeypatch):
+    """Refused by name before the process group is even joined (WORLD_SIZE=2 from a launcher)."""
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    code, err = _run(capsys, "pretrain", "--config", "digits_lt", "--cpu", "--out", str(tmp_path / "o"),
+                     "--batch-size", "129")
+    assert code == 2 and "pretrain.batch_size: the global batch 129 does not split over 2 ranks" in err
