@@ -8,15 +8,15 @@ forward and backward into the prediction-view logits of both heads. The pseudo-l
 gradient.
 
 Launches (counted by ``_runtime.launch_count``; nothing else runs on the device, no memset, once
-the first call has cached tau and delta there):
+the first call has cached tau, delta and the wide path's counter there):
 
 1. ``_head_rows_kernel`` (one program per block of rows): softmax statistics of the four logit
    matrices, the count labels, pseudo-labels, per-row NLL, and C = [U_t | U_m] (the rows of both
    heads' probabilities, L2-normalised when ``normalize_rows``) written to a scratch. When K + M
    fits one tile (next power of two <= 128, the CIFAR / STL settings) each program also writes its
    partial Gram matrix C_blk^T C_blk.
-2. ``_head_finish_kernel`` (one program): the contingency matrix (zeroed, then scattered with
-   atomics), the class weights (the helpers of ``weights.py``), the per-class CE sums and
+2. ``_head_finish_kernel`` (one program running ``_finish``): the contingency matrix (zeroed, then
+   scattered with atomics), the class weights (the helpers of ``weights.py``), the per-class CE sums and
    coefficients (the helper of ``confident_ce.py``), the Gram matrix G (sum of the partials),
    G' = (s s^T) * G, L_s = sum(G' * G) / N^2 and the total loss.
 3. ``_head_grad_kernel`` (backward, one program per block of rows):
@@ -26,11 +26,19 @@ the first call has cached tau and delta there):
    backwards collapse to this because d(p / |p|) is orthogonal to p.
 
 So a step is 2 launches forward + 1 backward = 3. For wider heads (K + M > 128: Tiny-ImageNet,
-ImageNet-LT) the partial Grams would not fit a program, and ``_head_gram_kernel`` (one program per
-upper tile of G) runs between 1 and 2: 4 launches. The finishing program is the serial part: its
-work is O(N + K M + partials), small for the paper's settings, but it occupies one SM.
-Grid-wide reductions are done by a following launch rather than a last-program-done counter: that
-would save a launch, but its memory ordering cannot be checked without a GPU.
+ImageNet-LT) the partial Grams would not fit a program, and launch 2 is ``_head_gram_kernel`` instead
+(one program per tile of G; the upper ones compute G' and their share of L_s), whose last program
+to arrive runs ``_finish``: each program, after a CTA barrier, adds 1 to an int32 counter with a
+gpu-scope ``acq_rel`` atomic, and the one that reads num_programs - 1 resets it to 0 and finishes.
+Also 3 launches. The counter is zeroed once and cached per device and CUDA stream: launches on one
+stream run one after another and other streams have their own counter, so no two running launches
+share one. A launch stopped part-way would leave it non-zero (the host zeroes it when a launch
+raises). That ordering (the tiles' stores to part
+visible to the last program's loads) rests on the release / acquire of that atomic: it has run
+under the interpreter (which runs programs one after another) and compiles for sm_90 (barrier, then
+``atom.global.gpu.acq_rel`` by one thread, result broadcast through shared memory), but has never
+run on a GPU. The finishing work is the serial part: O(N + K M + partials), small for the paper's
+settings, but it occupies one SM after the Gram tiles.
 
 Arithmetic is float32 (float64 for float64 logits) whatever the logits' dtype, with the
 references' rules: softmax and confidence in the accumulation dtype, class weights from float64
@@ -55,7 +63,7 @@ __all__ = ["head_objective", "HeadObjective", "LAUNCHES_PER_STEP"]
 WEIGHT_MODES = ("mini", "maxi")
 WEIGHT_VIEWS = ("prediction", "pseudo")
 NORMALIZATIONS = ("weight_sum", "count")
-LAUNCHES_PER_STEP = {"fused": 3, "wide": 4}  # K + M <= SMALL_WIDTH after padding, and wider
+LAUNCHES_PER_STEP = {"fused": 3, "wide": 3}  # K + M <= SMALL_WIDTH after padding, and wider
 _EPS = 1e-12  # F.normalize's eps
 
 # Tile limits (module constants so tests can shrink them and exercise the multi-tile code paths
@@ -179,40 +187,9 @@ def _head_rows_kernel(
         tl.store(part_ptr + pid.to(tl.int64) * BLOCK_W * BLOCK_W + w64[:, None] * BLOCK_W + w64[None, :], g)
 
 
-# ---------------------------------------------------------------- wide path: Gram tiles
-@kernel
-def _head_gram_kernel(
-    c_ptr, gram_ptr, part_ptr, n, num_t, width,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One upper tile (p <= q) of G' = (s s^T) * C^T C, mirrored; its share of sum(G' * G) to part."""
-    tile_p = tl.program_id(0)
-    tile_q = tl.program_id(1)
-    slot = tile_p * tl.num_programs(1) + tile_q
-    if tile_p > tile_q:
-        tl.store(part_ptr + slot + tl.arange(0, 1), tl.zeros([1], dtype=ACC))
-        return
-    cols_p = tile_p * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols_q = tile_q * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=ACC)
-    for n0 in range(0, n, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        rows64 = rows.to(tl.int64)[:, None] * width
-        row_live = (rows < n)[:, None]
-        xp = tl.load(c_ptr + rows64 + cols_p[None, :], mask=row_live & (cols_p < width)[None, :], other=0.0)
-        xq = tl.load(c_ptr + rows64 + cols_q[None, :], mask=row_live & (cols_q < width)[None, :], other=0.0)
-        acc += tl.dot(tl.trans(xp), xq, input_precision="ieee", out_dtype=ACC)
-    signed = tl.where((cols_p < num_t)[:, None] == (cols_q < num_t)[None, :], acc, -acc)
-    mult = tl.where(tile_p == tile_q, 1.0, 2.0).to(ACC)  # an off-diagonal tile stands for its mirror too
-    tl.store(part_ptr + slot, tl.sum(tl.sum(signed * acc, axis=1), axis=0) * mult)
-    valid = (cols_p < width)[:, None] & (cols_q < width)[None, :]
-    tl.store(gram_ptr + cols_p.to(tl.int64)[:, None] * width + cols_q[None, :], signed, mask=valid)
-    tl.store(gram_ptr + cols_q.to(tl.int64)[None, :] * width + cols_p[:, None], signed, mask=valid)
-
-
-# ---------------------------------------------------------------- launch 2: one finishing program
-@kernel
-def _head_finish_kernel(
+# ---------------------------------------------------------------- launch 2: the finishing work
+@helper
+def _finish(
     labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
     part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
     n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
@@ -220,7 +197,11 @@ def _head_finish_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """sums_ptr: [count_t (K), nll_t (K), count_m (M), nll_m (M)]; stats: l_r, l_m, l_s, |S_t|, |S_m|."""
+    """Counts, weights, CE coefficients, L_s and the loss, in one program.
+
+    sums_ptr: [count_t (K), nll_t (K), count_m (M), nll_m (M)]; stats: l_r, l_m, l_s, |S_t|, |S_m|.
+    part_ptr: per-row-block partial Grams (SMALL) or per-Gram-tile shares of sum(G' * G).
+    """
     width = num_t + num_m
     cells = num_t * num_m
     # Zero what the atomics below add into (this program owns all of it: no memset launch).
@@ -298,6 +279,73 @@ def _head_finish_kernel(
     tl.store(stats_ptr + 2, l_s)
     tl.store(stats_ptr + 3, n_t)
     tl.store(stats_ptr + 4, n_m)
+
+
+@kernel
+def _head_finish_kernel(
+    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
+    part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
+    n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
+    MINI: tl.constexpr, SMALL: tl.constexpr, BY_WEIGHT: tl.constexpr, BALANCE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The narrow path's launch 2: ``_finish`` in a single program."""
+    _finish(labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
+            part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
+            n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
+            MINI, SMALL, BY_WEIGHT, BALANCE, ACC, BLOCK, BLOCK_CLS, BLOCK_K, BLOCK_J, BLOCK_W, BLOCK_P)
+
+
+# ---------------------------------------------------------------- wide path: Gram tiles, then the finish
+@kernel
+def _head_gram_kernel(
+    c_ptr, gram_ptr, part_ptr, arrived_ptr,
+    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
+    stats_ptr, loss_ptr,
+    n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
+    MINI: tl.constexpr, BY_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One upper tile (p <= q) of G' = (s s^T) * C^T C, mirrored, and its share of sum(G' * G) to part;
+    the last program to arrive (counted in arrived_ptr, 0 between calls) then runs ``_finish``."""
+    tile_p = tl.program_id(0)
+    tile_q = tl.program_id(1)
+    slot = tile_p * tl.num_programs(1) + tile_q
+    num_parts = tl.num_programs(0) * tl.num_programs(1)
+    width = num_t + num_m
+    if tile_p > tile_q:  # a lower tile: its mirror counts it
+        tl.store(part_ptr + slot + tl.arange(0, 1), tl.zeros([1], dtype=ACC))
+    else:
+        cols_p = tile_p * BLOCK_C + tl.arange(0, BLOCK_C)
+        cols_q = tile_q * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=ACC)
+        for n0 in range(0, n, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            rows64 = rows.to(tl.int64)[:, None] * width
+            row_live = (rows < n)[:, None]
+            xp = tl.load(c_ptr + rows64 + cols_p[None, :], mask=row_live & (cols_p < width)[None, :], other=0.0)
+            xq = tl.load(c_ptr + rows64 + cols_q[None, :], mask=row_live & (cols_q < width)[None, :], other=0.0)
+            acc += tl.dot(tl.trans(xp), xq, input_precision="ieee", out_dtype=ACC)
+        signed = tl.where((cols_p < num_t)[:, None] == (cols_q < num_t)[None, :], acc, -acc)
+        mult = tl.where(tile_p == tile_q, 1.0, 2.0).to(ACC)  # an off-diagonal tile stands for its mirror too
+        tl.store(part_ptr + slot, tl.sum(tl.sum(signed * acc, axis=1), axis=0) * mult)
+        valid = (cols_p < width)[:, None] & (cols_q < width)[None, :]
+        tl.store(gram_ptr + cols_p.to(tl.int64)[:, None] * width + cols_q[None, :], signed, mask=valid)
+        tl.store(gram_ptr + cols_q.to(tl.int64)[None, :] * width + cols_p[:, None], signed, mask=valid)
+    # Last program finishes: every thread's stores above happen before the CTA barrier, the release
+    # half of the gpu-scope atomic publishes them; its acquire half (then the broadcast of its result
+    # to all threads) orders the last program's loads of part after every other program's stores.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrived_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_parts - 1:
+        tl.store(arrived_ptr, 0)  # every program has counted: ready for the next call
+        tl.debug_barrier()
+        _finish(labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr,
+                coef_m_ptr, part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
+                n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
+                MINI, False, BY_WEIGHT, BALANCE, ACC, BLOCK, BLOCK_CLS, BLOCK_K, BLOCK_J, 16, BLOCK_P)
 
 
 # ---------------------------------------------------------------- launch 3: backward
@@ -397,6 +445,25 @@ def _head_grad_kernel(
 
 
 # ---------------------------------------------------------------- host side
+_ARRIVALS: dict = {}
+
+
+def _arrival_counter(device: torch.device) -> torch.Tensor:
+    """The wide path's arrival counter: int32, zeroed once, cached per device and CUDA stream.
+
+    Each Gram-tile launch counts up to its number of programs and its last program sets it back to 0,
+    so later calls launch nothing to reset it. Launches that share a counter must not overlap: one
+    counter per stream does that for stream-ordered calls, including calls on several streams of one
+    device. Not tried under CUDA graph capture.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    counter = _ARRIVALS.get(key)
+    if counter is None:
+        counter = _ARRIVALS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 def _plan(n: int, num_t: int, num_m: int) -> dict:
     """Tile sizes from the problem sizes (tl.dot needs every dimension >= 16)."""
     width = num_t + num_m
@@ -460,22 +527,32 @@ class _HeadObjective(torch.autograd.Function):
             BLOCK_R=plan["rows"], BLOCK_T=plan["block_t"], BLOCK_M=plan["block_m"], BLOCK_W=block_w,
             num_warps=warps_for(plan["rows"] * max(plan["block_t"], plan["block_m"], block_w if small else 0)),
         )
-        if not small:
-            tiles = plan["gram_tiles"]
-            _head_gram_kernel[(tiles, tiles)](
-                c, gram, part, n, num_t, width, ACC=acc, BLOCK_N=32, BLOCK_C=GRAM_TILE, num_warps=4,
-            )
-        _head_finish_kernel[(1,)](
-            labels, per_row, counts, owned, weights, scalar(delta, torch.float64, device), per_class,
-            coef_t, coef_m, part, num_parts, gram, stats, loss,
+        block_k, block_j = plan["mini_tiles"] if mini else plan["maxi_tiles"]
+        finish_args = (
             n, num_t, num_m, *split_f64(1.0 / float(n * n)), *split_f64(alpha), *split_f64(beta),
-            MINI=mini, SMALL=small, BY_WEIGHT=by_weight, BALANCE=balance, ACC=acc,
-            BLOCK=plan["block"], BLOCK_CLS=plan["block_cls"],
-            BLOCK_K=(plan["mini_tiles"] if mini else plan["maxi_tiles"])[0],
-            BLOCK_J=(plan["mini_tiles"] if mini else plan["maxi_tiles"])[1],
-            BLOCK_W=block_w if small else 16, BLOCK_P=min(1024, next_pow2(num_parts)),
-            num_warps=8 if small and block_w > 64 else 4,
         )
+        finish_meta = dict(
+            MINI=mini, BY_WEIGHT=by_weight, BALANCE=balance, ACC=acc, BLOCK=plan["block"],
+            BLOCK_CLS=plan["block_cls"], BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_P=min(1024, next_pow2(num_parts)),
+        )
+        delta_t = scalar(delta, torch.float64, device)
+        if small:
+            _head_finish_kernel[(1,)](
+                labels, per_row, counts, owned, weights, delta_t, per_class, coef_t, coef_m, part, num_parts,
+                gram, stats, loss, *finish_args, SMALL=True, BLOCK_W=block_w, **finish_meta,
+                num_warps=8 if block_w > 64 else 4,
+            )
+        else:
+            tiles = plan["gram_tiles"]
+            arrived = _arrival_counter(device)
+            try:
+                _head_gram_kernel[(tiles, tiles)](
+                    c, gram, part, arrived, labels, per_row, counts, owned, weights, delta_t, per_class, coef_t,
+                    coef_m, stats, loss, *finish_args, BLOCK_N=32, BLOCK_C=GRAM_TILE, **finish_meta, num_warps=4,
+                )
+            except BaseException:  # a launch stopped part-way (the interpreter) may have left counts
+                arrived.zero_()
+                raise
         ctx.save_for_backward(c, gram, labels, per_row, coef_t, coef_m)
         ctx.meta = (zt1.shape, zt1.dtype, zm1.shape, zm1.dtype, alpha, beta, normalize, plan)
         ctx.mark_non_differentiable(stats, weights, counts)
@@ -542,8 +619,8 @@ def head_objective(
     L_r normalised by ``target_normalize``; L_m class-balanced when ``aux_balance``; cosine
     similarities in L_s when ``normalize_rows``. An empty confident set makes its term a zero
     with zero gradient (the caller decides whether to skip the batch, from ``values()``).
-    ``logits_t2`` and ``logits_m2`` get no gradient. Three Triton launches per step (four when
-    K + M > 128); see the module docstring.
+    ``logits_t2`` and ``logits_m2`` get no gradient. Three Triton launches per step at every size;
+    see the module docstring.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"head_objective: mode must be one of {WEIGHT_MODES}, got {mode!r}")
