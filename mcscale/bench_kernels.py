@@ -7,8 +7,8 @@ weights from view-1 argmaxes, weight-sum normalisation, class-balanced L_m, cosi
 (a) ``eager``: written like the authors' code: N x N cosine-similarity matrices, bincount, boolean
     indexing and F.cross_entropy.
 (b) ``compile``: ``torch.compile`` of (a).
-(c) ``fused``: ``mcscale.kernels.head_objective``, the whole step in 3 Triton launches (4 when
-    K + M > 128).
+(c) ``fused``: ``mcscale.kernels.head_objective``, the whole step in 3 Triton launches (at every
+    size: K + M > 128 included).
 (d) ``ops``: the per-op kernels of ``mcscale.kernels`` composed as HeadGuided did before (c): about a
     dozen launches a step.
 (c) and (d) run on CUDA only: the CPU interpreter is no speed measurement.
