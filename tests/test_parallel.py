@@ -365,3 +365,25 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_checkpoint(encoders, t
     step = max(r["step"] for r in _steps(out))
     assert 3 <= step < 400
     assert (out / f"ckpt-{step:07d}.pt").is_file()  # rank 0 wrote the checkpoint of the agreed step
+
+
+@pytest.mark.timeout(400)
+def test_sharded_loader_on_two_ranks(encoders, tmp_path, capsys):
+    """WebDataset shards split by rank: the clean pass gathers every sample exactly once (K-means and
+    its metrics equal the 1-process run's), training runs on both ranks, and resuming the run on one
+    process is refused (its data position depends on the rank split)."""
+    shards = tmp_path / "shards"
+    assert main(["prepare", "--source", "digits", "--shard-size", "150", "--out", str(shards)]) == 0
+    data = ["data.loader=webdataset", f"data.shards={shards}", "data.num_workers=0"]
+    encoder = encoders[0]
+    assert main(_cluster_args(encoder, tmp_path / "one", "--max-steps", "2", *data)) == 0
+    _launch("torchrun", *_cluster_args(encoder, tmp_path / "two", "--max-steps", "2", *data))
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari"):
+        assert two["kmeans"][key] == pytest.approx(one["kmeans"][key], abs=1e-9), key
+    assert [r["step"] for r in _steps(tmp_path / "two")] == [1, 2]
+    assert all(r["comm_bytes"] > 0 for r in _steps(tmp_path / "two"))
+    capsys.readouterr()
+    code = main(_cluster_args(encoder, tmp_path / "two", "--max-steps", "4", "--resume", *data))
+    assert code == 1 and "written by 2 rank(s), resumed on 1" in capsys.readouterr().err
