@@ -8,17 +8,15 @@ computes the single-process reference on the concatenated batch and compares val
 
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _support import run_on_gloo_ranks
 
 from mcscale import distributed as D
 from mcscale import objectives as obj
@@ -297,10 +295,7 @@ def execute(case: Case, start: int, stop: int, distributed: bool) -> dict:
             "rows": out.get("rows", {}), "grads": grads, "bytes": nbytes}
 
 
-def _worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+def _run_cases(rank: int) -> dict:
     results = {}
     for name, case in CASES.items():
         start = sum(case.split[:rank])
@@ -308,23 +303,13 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
             results[name] = execute(case, start, start + case.split[rank], distributed=True)
         except Exception:  # reported by the parent; the other rank may then time out in a collective
             results[name] = {"error": traceback.format_exc()}
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Spawn the 2-rank gloo group once; every rank's results, per case."""
-    tmp = tmp_path_factory.mktemp("distributed")
-    args = (str(tmp / "store"), str(tmp))
-    context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-rank gloo workers did not finish within 150 s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_gloo_ranks(_run_cases, tmp_path_factory.mktemp("distributed"), WORLD)
 
 
 def assert_close(actual, expected, dtype, what):

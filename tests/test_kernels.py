@@ -16,10 +16,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from _support import run_file_in_fresh_interpreter_mode  # noqa: E402
 
 import mcscale.kernels as mk  # noqa: E402
 from mcscale import objectives as obj  # noqa: E402
@@ -31,10 +30,7 @@ NEEDS_FRESH_PROCESS = DEVICE == "cpu" and not _runtime.interpreting()
 def test_kernels_in_fresh_process():
     if not NEEDS_FRESH_PROCESS:
         pytest.skip("the kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    run_file_in_fresh_interpreter_mode(__file__)
 
 
 def _gen(seed):

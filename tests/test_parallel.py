@@ -14,14 +14,11 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
+from _support import run_on_gloo_ranks
 
 from mcscale.cli import main
 
@@ -95,32 +92,19 @@ def _predict_case(rank: int) -> dict:
     return predict(model, views, Parallel(rank, WORLD, torch.device("cpu")))
 
 
-def _worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def _run_cases(rank: int) -> dict:
     results = {}
     for name, case in (("batchnorm", _batchnorm_case), ("predict", _predict_case)):
         try:
             results[name] = case(rank)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parallel")
-    context = mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-rank gloo workers did not finish within 150 s")
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    results = run_on_gloo_ranks(_run_cases, tmp_path_factory.mktemp("parallel"), WORLD)
     for r, result in enumerate(results):
         for name, value in result.items():
             assert "error" not in value, f"rank {r}, {name}:\n{value.get('error')}"
