@@ -90,14 +90,6 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def same_on_all(self, value: int) -> bool:
-        """Whether every rank holds the same integer (a cheap consistency check)."""
-        if not self.active:
-            return True
-        t = torch.tensor([value, -value], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t[0]) == value and int(t[1]) == -value
-
     def share_text(self, text: str) -> str:
         """Rank 0's string on every rank (plain UTF-8 bytes: no pickles between processes)."""
         if not self.active:
