@@ -235,15 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag}: interrupted; resume with the same command and --resume auto", file=sys.stderr)
         return 130
     finally:
-        _leave_process_group()
+        from mcscale.parallel import leave_process_group
 
-
-def _leave_process_group() -> None:
-    """Close the process group a multi-process run joined (torch warns at exit otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

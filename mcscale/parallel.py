@@ -124,9 +124,11 @@ class Parallel:
             raise kinds.get(outcome["kind"], RunError)(outcome["error"])
         return outcome["result"]
 
-    def shutdown(self) -> None:
-        if self.active and dist.is_initialized():
-            dist.destroy_process_group()
+
+def leave_process_group() -> None:
+    """Close the process group a multi-process run joined (torch warns at exit otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched_world_size() -> int:
