@@ -92,9 +92,62 @@ def _predict_case(rank: int) -> dict:
     return predict(model, views, Parallel(rank, WORLD, torch.device("cpu")))
 
 
+# Every method, as the trainer builds it, on its rank's rows of the same logits: GlobalOps (and P2OT's
+# global plan) must give the single-process loss, statistics, weights and per-row gradients.
+METHOD_VARIANTS = {
+    "mini": ["cluster.method=mini", "cluster.num_aux=9"],
+    "mini_paper": ["cluster.method=mini", "cluster.num_aux=9", "cluster.weight_view=pseudo",
+                   "cluster.target_normalize=count", "cluster.aux_balance=false",
+                   "cluster.similarity_normalize_rows=false"],
+    "mini_window": ["cluster.method=mini", "cluster.num_aux=9", "cluster.weight_estimate=window"],
+    "mini_cb": ["cluster.method=mini", "cluster.num_aux=9", "cluster.loss=cb"],
+    "mini_balms": ["cluster.method=mini", "cluster.num_aux=9", "cluster.loss=balms"],
+    "mini_eql": ["cluster.method=mini", "cluster.num_aux=9", "cluster.loss=eql"],
+    "maxi": ["cluster.method=maxi", "cluster.num_aux=3"],
+    "mini_nothing_confident": ["cluster.method=mini", "cluster.num_aux=9", "cluster.tau=0.9999999"],  # skipped
+    "selflabel": ["cluster.method=selflabel"],
+    "p2ot": ["cluster.method=p2ot", "p2ot.buffer_batches=2"],
+    "p2ot_mini_pot": ["cluster.method=p2ot", "cluster.num_aux=9", "p2ot.mini_weights=true", "p2ot.variant=pot"],
+}
+METHOD_ROWS, METHOD_K, METHOD_STEPS = 24, 4, 3
+
+
+def _method_logits(step: int, num_aux: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    shapes = [(METHOD_ROWS, METHOD_K), (METHOD_ROWS, num_aux)] * 2  # t1, m1, t2, m2
+    return [torch.randn(*shape, generator=g) * 3 for shape in shapes]
+
+
+def run_method(name: str, rows: slice) -> list[dict]:
+    """METHOD_STEPS steps of the method on ``rows`` of each step's logits (all rows: one process)."""
+    from mcscale.config import load_config
+    from mcscale.methods import build_method
+
+    cfg = load_config(None, ["cluster.tau=0.5", *METHOD_VARIANTS[name]])
+    method = build_method(cfg, METHOD_K, total_steps=10)
+    out = []
+    for step in range(METHOD_STEPS):
+        logits = [t[rows].clone().requires_grad_(True) for t in _method_logits(step, cfg.cluster.num_aux)]
+        result = method.batch_loss(*logits, step=step)
+        if result.loss is not None:
+            result.loss.backward()
+        out.append({
+            "loss": None if result.loss is None else float(result.loss.detach()),
+            "stats": {k: v for k, v in result.stats.items()},
+            "weights": None if result.weights is None else result.weights.detach().clone(),
+            "grads": [None if t.grad is None else t.grad.clone() for t in logits],
+        })
+    return out
+
+
+def _methods_case(rank: int) -> dict:
+    half = METHOD_ROWS // WORLD
+    return {name: run_method(name, slice(rank * half, (rank + 1) * half)) for name in METHOD_VARIANTS}
+
+
 def _run_cases(rank: int) -> dict:
     results = {}
-    for name, case in (("batchnorm", _batchnorm_case), ("predict", _predict_case)):
+    for name, case in (("batchnorm", _batchnorm_case), ("predict", _predict_case), ("methods", _methods_case)):
         try:
             results[name] = case(rank)
         except Exception:
@@ -143,6 +196,33 @@ def test_distributed_predict_equals_single_process_on_an_odd_sized_set(ranks):
         got = ranks[r]["predict"]
         assert torch.equal(got["target"], expected["target"]) and torch.equal(got["aux"], expected["aux"])
         torch.testing.assert_close(got["features"], expected["features"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(METHOD_VARIANTS))
+def test_methods_on_two_ranks_equal_one_process(ranks, name):
+    expected = run_method(name, slice(None))
+    got = [r["methods"][name] for r in ranks]
+    for step, ref in enumerate(expected):
+        parts = [g[step] for g in got]
+        assert parts[0]["loss"] == parts[1]["loss"], "ranks disagree on the loss"  # every rank logs it
+        if ref["loss"] is None:
+            assert parts[0]["loss"] is None, step
+            continue
+        assert parts[0]["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), step
+        for key, value in ref["stats"].items():
+            for part in parts:
+                tolerance = dict(rel=1e-4, abs=1e-6) if key == "l_s" else dict(rel=1e-5, abs=1e-7)
+                assert part["stats"][key] == pytest.approx(value, **tolerance), (step, key)
+        if ref["weights"] is not None:
+            for part in parts:
+                torch.testing.assert_close(part["weights"], ref["weights"], rtol=1e-6, atol=1e-6)
+        for view, grad in enumerate(ref["grads"]):
+            if grad is None:
+                assert all(p["grads"][view] is None or not p["grads"][view].any() for p in parts), (step, view)
+                continue
+            # each rank's loss carries W times the global gradient of its rows (averaged later)
+            joined = torch.cat([p["grads"][view] for p in parts]) / WORLD
+            torch.testing.assert_close(joined, grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step}, view {view}: {m}")
 
 
 # ---------------------------------------------------------------- pieces that need no process group
