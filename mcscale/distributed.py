@@ -51,6 +51,7 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_cat",
     "all_gather_with_grad",
+    "shard_rows",
     "shard_batch",
     "global_contingency",
     "global_confident_cross_entropy",
@@ -180,19 +181,23 @@ def all_gather_with_grad(t: torch.Tensor, counter: CommCounter | None = None) ->
     return _splice(_gather_rows(t, sizes, counter), t, _offset(sizes))
 
 
-def shard_batch(index_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """The contiguous slice of a global batch (e.g. sample indices of one global permutation) that
-    rank ``rank`` of ``world`` holds: rows [rank * B/W, (rank + 1) * B/W)."""
+def shard_rows(batch: int, rank: int, world: int) -> slice:
+    """Rows [rank * B/W, (rank + 1) * B/W) of a global batch of ``batch`` rows: rank ``rank``'s share."""
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard_batch: need 0 <= rank < world, got rank {rank} and world {world}")
-    batch = index_tensor.shape[0]
     if batch % world:
         raise ValueError(
             f"shard_batch: global batch size {batch} is not divisible by the world size {world}; "
             f"use a batch size that is a multiple of {world}"
         )
     per_rank = batch // world
-    return index_tensor[rank * per_rank:(rank + 1) * per_rank]
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def shard_batch(index_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """The contiguous slice of a global batch (e.g. sample indices of one global permutation) that
+    rank ``rank`` of ``world`` holds (``shard_rows``)."""
+    return index_tensor[shard_rows(index_tensor.shape[0], rank, world)]
 
 
 def _ddp_loss(local_part: torch.Tensor, global_value: torch.Tensor, grad_scale: float) -> torch.Tensor:
@@ -216,12 +221,14 @@ def global_contingency(
     num_target: int,
     num_aux: int,
     counter: CommCounter | None = None,
+    local_ops=obj,
 ) -> torch.Tensor:
-    """The K x M counts of the global batch: local counts summed over ranks (int64, K M 8 bytes).
+    """The K x M counts of the global batch: local counts (``local_ops.contingency``: the reference or
+    the Triton kernel) summed over ranks (int64, K M 8 bytes).
 
     Sum before ``class_weights``: the weights are a nonlinear function of the counts.
     """
-    return all_reduce_sum(obj.contingency(target_labels, aux_labels, num_target, num_aux), counter)
+    return all_reduce_sum(local_ops.contingency(target_labels, aux_labels, num_target, num_aux), counter)
 
 
 # ---------------------------------------------------------------- L_r / L_m (METHOD section 4)
@@ -381,18 +388,6 @@ def _global_weighted_mean(values, weights, anchor, grad_scale, counter) -> torch
     return _ddp_loss(numerator / total[1], total[0] / total[1], _grad_scale(grad_scale))
 
 
-def _long_tail_terms(z, y, n, variant: str, gamma: float, num_aux):
-    """Per-sample losses and weights of objectives.long_tail_cross_entropy (weights None: plain mean)."""
-    if variant == "cb":
-        weight = (1.0 - gamma) / (1.0 - torch.pow(torch.as_tensor(gamma, dtype=z.dtype), n))
-        return -F.log_softmax(z, dim=1).gather(1, y[:, None]).squeeze(1), weight[y]
-    if variant == "balms":
-        return F.cross_entropy(z + torch.log(n / n.sum()), y, reduction="none"), None
-    scale = n.max() if num_aux is None else torch.as_tensor(float(num_aux), dtype=z.dtype)
-    log_p_y = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z + torch.log(scale / n), dim=1)
-    return -log_p_y, None
-
-
 def global_long_tail_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -416,7 +411,7 @@ def global_long_tail_cross_entropy(
     n = mini_counts.detach().to(device=z.device, dtype=dtype).clamp_min(1e-12)
     if mask is not None:
         z, targets = z[mask], targets[mask]
-    per_sample, weights = _long_tail_terms(z, targets.long(), n, variant, gamma, num_aux)
+    per_sample, weights = obj.long_tail_terms(z, targets.long(), n, variant, gamma, num_aux)
     return _global_weighted_mean(per_sample, weights, logits, _grad_scale(grad_scale), counter)
 
 
@@ -480,7 +475,7 @@ class GlobalOps:
         self.similarity_method = similarity_method
 
     def contingency(self, target_labels, aux_labels, num_target: int, num_aux: int) -> torch.Tensor:
-        return all_reduce_sum(self.local.contingency(target_labels, aux_labels, num_target, num_aux))
+        return global_contingency(target_labels, aux_labels, num_target, num_aux, local_ops=self.local)
 
     def class_weights(self, counts, delta: float, mode: str = "mini") -> torch.Tensor:
         return self.local.class_weights(counts, delta, mode)

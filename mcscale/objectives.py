@@ -191,17 +191,20 @@ def long_tail_cross_entropy(
         mask = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     if int(mask.sum()) == 0:
         return logits.sum() * 0.0
-    z, y = z[mask], targets[mask].long()
+    per_sample, weights = long_tail_terms(z[mask], targets[mask].long(), n, variant, gamma, num_aux)
+    if weights is None:
+        return per_sample.mean()
+    return (weights * per_sample).sum() / weights.sum()
+
+
+def long_tail_terms(z, y, n, variant: str, gamma: float, num_aux: int | None):
+    """Per-sample losses of :func:`long_tail_cross_entropy` on the selected rows, and their weights
+    (None: a plain mean). ``n`` are the clamped counts in ``z``'s dtype."""
     if variant == "cb":
-        weight = (1.0 - gamma) / (1.0 - torch.pow(torch.as_tensor(gamma, dtype=dtype), n))
-        nll = -F.log_softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
-        w = weight[y]
-        return (w * nll).sum() / w.sum()
-    if variant == "balms":
-        log_prior = torch.log(n / n.sum())
-        shifted = z + log_prior
-        return F.cross_entropy(shifted, y)
-    scale = n.max() if num_aux is None else torch.as_tensor(float(num_aux), dtype=dtype)
-    log_w = torch.log(scale / n)
-    log_p_y = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z + log_w, dim=1)
-    return -log_p_y.mean()
+        weight = (1.0 - gamma) / (1.0 - torch.pow(torch.as_tensor(gamma, dtype=z.dtype), n))
+        return -F.log_softmax(z, dim=1).gather(1, y[:, None]).squeeze(1), weight[y]
+    if variant == "balms":  # balanced softmax: logits shifted by the log prior n / sum(n)
+        return F.cross_entropy(z + torch.log(n / n.sum()), y, reduction="none"), None
+    scale = n.max() if num_aux is None else torch.as_tensor(float(num_aux), dtype=z.dtype)
+    log_p_y = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z + torch.log(scale / n), dim=1)
+    return -log_p_y, None

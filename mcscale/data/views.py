@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mcscale.augment import AugmentConfig, Normalizer, apply_strong, clean_view, draw_strong, feature_view, to_float
+from mcscale.distributed import shard_rows
 from mcscale.runtime import step_generator
 
 
@@ -86,10 +87,7 @@ class InMemoryViews:
         share (batch_size / world_size rows) of the global batch, identical to those rows of the
         single-process batch."""
         index = self.batch_indices(seed, step, batch_size)
-        per_rank, extra = divmod(index.shape[0], world_size)
-        if extra:
-            raise ValueError(f"global batch of {index.shape[0]} is not divisible by {world_size} ranks")
-        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        rows = shard_rows(index.shape[0], rank, world_size)
         g1 = step_generator(seed, step, stream=1, device=self.device)
         g2 = step_generator(seed, step, stream=2, device=self.device)
         return ViewBatch(self.strong(index, g1, rows), self.strong(index, g2, rows), index[rows])
