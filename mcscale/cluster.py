@@ -29,14 +29,13 @@ from mcscale.runtime import (
 from mcscale.stage import (
     RunLogger,
     check_compatible,
-    check_world_size,
     latest_checkpoint,
     load_views,
     load_weights,
     open_run_folder,
     read_run_config,
     restore_on_all_ranks,
-    save_checkpoint,
+    save_on_main,
     write_config,
 )
 
@@ -115,9 +114,8 @@ def run_cluster(
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     components = {"model": model, "optimizer": optimizer, "method": method}
-    state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from) if resume else None
-    if state:
-        check_world_size(state, par.world_size, cfg.data.loader != "tensor", out)
+    sharded = cfg.data.loader != "tensor"
+    state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from, sharded) if resume else None
     # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
     if par.is_main:
         write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
@@ -144,13 +142,11 @@ def run_cluster(
             log.eval(0, metrics0)
 
     def checkpoint():
-        if par.is_main:
-            save_checkpoint(out, step, {
-                "step": step, "skipped": skipped, "identity": identity, "architecture": arch,
-                "kmeans": kmeans_metrics, "world_size": par.world_size, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-            })
-        par.barrier()  # no rank moves on (or exits) before the checkpoint exists
+        save_on_main(par, out, step, {
+            "step": step, "skipped": skipped, "identity": identity, "architecture": arch,
+            "kmeans": kmeans_metrics, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "method": method.state_dict(),
+        })
 
     # counted in images so the bar shows throughput (img/s) beside the time remaining
     images_per_step = min(c.batch_size, len(views))
@@ -194,7 +190,7 @@ def run_cluster(
                 metrics_now = evaluate()
                 if log:
                     log.eval(step, metrics_now)
-            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out, agree=par.any if par.active else None)
+            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out, agree=par.any)
     finally:
         guard.close()
         bar.close()

@@ -21,12 +21,11 @@ from mcscale.runtime import (
 )
 from mcscale.stage import (
     RunLogger,
-    check_world_size,
     load_views,
     load_weights,
     open_run_folder,
     restore_on_all_ranks,
-    save_checkpoint,
+    save_on_main,
     write_config,
 )
 
@@ -103,9 +102,8 @@ def run_pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
 
     components = {"model": byol, "optimizer": optimizer, "scheduler": scheduler}
-    state = restore_on_all_ranks(par, out, components, "architecture", arch, resume_from) if resume else None
-    if state:
-        check_world_size(state, par.world_size, cfg.data.loader != "tensor", out)
+    sharded = cfg.data.loader != "tensor"
+    state = restore_on_all_ranks(par, out, components, "architecture", arch, resume_from, sharded) if resume else None
     if par.is_main:
         write_config(out, cfg, {"stage": "pretrain", "num_samples": len(views), "class_counts": counts,
                                 "world_size": par.world_size})
@@ -113,12 +111,10 @@ def run_pretrain(
     log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
 
     def checkpoint():
-        if par.is_main:
-            save_checkpoint(out, step, {
-                "step": step, "architecture": arch, "world_size": par.world_size, "model": byol.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            })
-        par.barrier()  # no rank moves on (or exits) before the checkpoint exists
+        save_on_main(par, out, step, {
+            "step": step, "architecture": arch, "model": byol.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        })
 
     # counted in images so the bar shows throughput (img/s) beside the time remaining
     images_per_step = min(p.batch_size, len(views))
@@ -156,7 +152,7 @@ def run_pretrain(
                 log.step(record)
             bar.update(images_per_step)
             bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.3f}")
-            guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out, agree=par.any if par.active else None)
+            guard.end_of_step(step, total, p.checkpoint_every, checkpoint, out, agree=par.any)
     finally:
         guard.close()
         bar.close()

@@ -247,9 +247,10 @@ def open_run_folder(par, out_dir, resume: bool, overwrite: bool = False) -> Path
 
 
 def restore_on_all_ranks(par, run_dir: Path, components: dict, identity_key: str, identity: dict,
-                         chosen=None) -> dict | None:
+                         chosen=None, sharded: bool = False) -> dict | None:
     """``restore_latest`` on rank 0 (which may set broken checkpoints aside); every other rank then
-    loads the very checkpoint rank 0 settled on, so all ranks hold the same state."""
+    loads the very checkpoint rank 0 settled on, so all ranks hold the same state. The checkpoint's
+    world size is then checked against this run's (``check_world_size``; ``sharded``: a shard loader)."""
     restored = {}
 
     def choose():
@@ -257,12 +258,23 @@ def restore_on_all_ranks(par, run_dir: Path, components: dict, identity_key: str
         return None if restored["state"] is None else restored["state"]["step"]
 
     step = par.on_main(choose)
-    if par.is_main or step is None:
-        return restored.get("state")
-    state = safe_torch_load(Path(run_dir) / f"ckpt-{step:07d}.pt")
-    for name, component in components.items():
-        component.load_state_dict(state[name])
+    if step is None:
+        return None
+    state = restored.get("state")
+    if state is None:  # another rank than 0
+        state = safe_torch_load(Path(run_dir) / f"ckpt-{step:07d}.pt")
+        for name, component in components.items():
+            component.load_state_dict(state[name])
+    check_world_size(state, par.world_size, sharded, run_dir)
     return state
+
+
+def save_on_main(par, run_dir: Path, step: int, state: dict) -> None:
+    """``save_checkpoint`` on rank 0 (every rank holds the same state); no rank moves on, or exits,
+    before the checkpoint exists."""
+    if par.is_main:
+        save_checkpoint(run_dir, step, {**state, "world_size": par.world_size})
+    par.barrier()
 
 
 def check_world_size(state: dict, world_size: int, sharded: bool, path_hint: Path) -> None:
