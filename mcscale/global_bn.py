@@ -59,7 +59,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = total[:channels] / count
         var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0.0)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(count.detach()))
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
         invstd = torch.rsqrt(var + self.eps).to(x.dtype)
         y = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
         if self.affine:
@@ -67,11 +67,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
     @torch.no_grad()
-    def _update_running_stats(self, mean, var, count: float) -> None:
-        """As torch's BatchNorm: unbiased variance; momentum None means a cumulative average."""
+    def _update_running_stats(self, mean, var, count: torch.Tensor) -> None:
+        """As torch's BatchNorm: unbiased variance; momentum None means a cumulative average. The
+        count stays a tensor: reading it on the host would stall a GPU at every layer."""
         self.num_batches_tracked += 1
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (count / max(count - 1.0, 1.0))
+        unbiased = var * (count / (count - 1.0).clamp_min(1.0))
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
