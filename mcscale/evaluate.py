@@ -14,34 +14,35 @@ from mcscale.metrics import cluster_metrics, head_medium_tail, hungarian_match, 
 def predict(model, views, parallel=None) -> dict:
     """Target / auxiliary head assignments and encoder features of every sample, in dataset order.
 
-    With a ``parallel`` of world size W > 1 every rank predicts its share of the clean pass and the
-    shares are gathered with their sample indices, so every rank returns the whole set; a sample
-    that appears twice (a sharded loader's padding) lands on its own row twice.
+    With a ``parallel`` of world size W > 1 every rank predicts its share of the clean pass (the
+    shares are disjoint: sharded loaders drop their padding repeats) and the shares are gathered with
+    their sample indices, so every rank returns the whole set.
     """
     rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
     was_training = model.training
     model.eval()
-    parts = {"index": [], "target": [], "aux": [], "features": []}
+    labels, features = [], []
     for index, x in views.clean_batches(rank=rank, world_size=world):
         f = model.features(x)
         logits_t, logits_m = model.heads(f)
-        for key, value in zip(parts, (index.to(f.device), logits_t.argmax(1), logits_m.argmax(1), f)):
-            parts[key].append(value)
+        labels.append(torch.stack([index.to(f.device), logits_t.argmax(1), logits_m.argmax(1)], dim=1))
+        features.append(f)
     model.train(was_training)
-    local = {key: torch.cat(values) for key, values in parts.items()}
-    if world > 1:
-        local = {key: all_gather_cat(value) for key, value in local.items()}
-    index = local.pop("index").cpu()
+    labels, features = torch.cat(labels), torch.cat(features)
+    if world > 1:  # two gathers: the integer columns together, then the features
+        labels, features = all_gather_cat(labels), all_gather_cat(features)
+    index = labels[:, 0].cpu()
     n = len(views)
     seen = torch.zeros(n, dtype=torch.bool)
     seen[index] = True
     if not bool(seen.all()):
         raise RuntimeError(f"predict: the clean pass missed {int((~seen).sum())} of {n} samples")
     # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
-    out = {}
-    for key, value in local.items():
-        out[key] = torch.zeros((n, *value.shape[1:]), dtype=value.dtype)
-        out[key][index] = value.cpu()
+    out = {"target": torch.zeros(n, dtype=torch.long), "aux": torch.zeros(n, dtype=torch.long),
+           "features": torch.zeros(n, features.shape[1], dtype=features.dtype)}
+    out["target"][index] = labels[:, 1].cpu()
+    out["aux"][index] = labels[:, 2].cpu()
+    out["features"][index] = features.cpu()
     return out
 
 
