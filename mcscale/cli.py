@@ -7,7 +7,6 @@ non-zero exit: 2 for configuration errors (found before any work starts), 1 for 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -120,7 +119,9 @@ def _config_from_args(args, stage: str):
 
 def _say(text: str) -> None:
     """Print once per job: on rank 0 of a multi-process run (every rank ends with the same result)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    from mcscale.parallel import launched_rank
+
+    if launched_rank() == 0:
         print(text)
 
 
@@ -217,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     from mcscale.runtime import RunError, StopRequested
 
     # under a multi-process launcher, lines from ranks other than 0 say which rank they come from
-    rank = int(os.environ.get("RANK", "0"))
+    from mcscale.parallel import launched_rank
+
+    rank = launched_rank()
     tag = f"mcscale[rank {rank}]" if rank else "mcscale"
     try:
         return _dispatch(args)

@@ -135,6 +135,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device_name: str, force_cpu: bool = False) -> Parallel:
     """Join the process group the launcher described (if any) and pick this rank's device."""
     force_cpu = force_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
