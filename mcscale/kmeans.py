@@ -1,4 +1,8 @@
-"""Spherical K-means for head initialisation: FAISS (GPU when installed, else CPU) or plain torch."""
+"""Spherical K-means for head initialisation: FAISS or plain torch.
+
+``auto``: FAISS for features on the CPU (faiss-cpu is a locked dependency) or when the installed FAISS
+sees a GPU; torch K-means on the features' own device otherwise (CUDA features without a GPU FAISS).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,22 @@ def faiss_available() -> bool:
     return True
 
 
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _use_faiss(backend: str, device: torch.device) -> bool:
+    if backend != "auto":
+        return backend == "faiss"
+    return faiss_available() and (device.type == "cpu" or faiss_gpus() > 0)
+
+
 def _faiss_kmeans(x: np.ndarray, k: int, iters: int, seed: int, nredo: int):
     import faiss
 
-    use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    use_gpu = faiss_gpus() > 0
     km = faiss.Kmeans(
         x.shape[1],
         k,
@@ -78,7 +94,7 @@ def spherical_kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster L2-normalised ``features`` into ``k`` groups; returns (unit centres k x D, assignment N)."""
     x = F.normalize(features.detach().float(), dim=1)
-    if backend == "faiss" or (backend == "auto" and faiss_available()):
+    if _use_faiss(backend, features.device):
         centers, assign = _faiss_kmeans(x.cpu().numpy().astype(np.float32), k, iters, seed, nredo)
         centers = F.normalize(torch.from_numpy(centers), dim=1)
         return centers.to(features.device), torch.from_numpy(assign).to(features.device)
