@@ -1,6 +1,7 @@
 """The per-batch method objectives equal their composition from mcscale.objectives, option by option."""
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -91,11 +92,24 @@ def test_selflabel_is_balanced_confident_ce():
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_gradient_reaches_both_heads_not_pseudo_view():
+@pytest.mark.parametrize("options", [{}, {"weight_view": "pseudo"}, {"loss": "cb"}])
+def test_gradient_reaches_both_heads_not_pseudo_view(options):
+    """The pseudo-label view x2 gives targets only: with x2's logits requiring grad, no gradient flows
+    into them, while both heads of the prediction view get the gradient of the hand composition."""
+    cfg = _cfg(**options)
     t1, m1, t2, m2 = [x.requires_grad_() for x in _logits(7)]
-    result = HeadGuided(_cfg(), K).batch_loss(t1, m1, t2.detach(), m2.detach())
-    result.loss.backward()
-    assert t1.grad.abs().sum() > 0 and m1.grad.abs().sum() > 0
+    method = HeadGuided(cfg, K)
+    assert not method.trains_both_views
+    result = method.batch_loss(t1, m1, t2, m2)
+    got = torch.autograd.grad(result.loss, [t1, m1, t2, m2], allow_unused=True)
+    for grad in got[2:]:
+        assert grad is None or not grad.any()
+    # the reference: the same composition with the pseudo view detached by hand
+    expected, _ = _by_hand(cfg, t1, m1, t2.detach(), m2.detach())
+    want = torch.autograd.grad(expected, [t1, m1])
+    for g, w in zip(got[:2], want):
+        assert g is not None and w.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- P2OT
@@ -119,19 +133,35 @@ def test_p2ot_first_batch_equals_plan_by_hand():
 def test_p2ot_buffer_is_a_fifo_of_batches_and_survives_checkpoints():
     method = P2OT(_cfg(method="p2ot"), P2OTConfig(buffer_batches=2), K, total_steps=50)
     batches = [_logits(s, scale=2.0) for s in (10, 11, 12)]
-    for step, (t1, m1, t2, m2) in enumerate(batches):
+    # what the FIFO holds after each step: the prediction view's logits, oldest first, at most 2 batches
+    expected_buffers = [batches[0][0], torch.cat([batches[0][0], batches[1][0]]),
+                        torch.cat([batches[1][0], batches[2][0]])]
+    for step, ((t1, m1, t2, m2), expected) in enumerate(zip(batches, expected_buffers)):
         method.batch_loss(t1, m1, t2, m2, step=step)
-    assert torch.equal(method.buffer, torch.cat([batches[1][0], batches[2][0]]))
-    # with a full buffer the plan is solved over [buffer; batch] and sliced
-    t1, m1, t2, m2 = _logits(13, scale=2.0)
+        assert torch.equal(method.buffer, expected), step
+    # through a real checkpoint (torch.save, weights-only load) the buffer and warm start come back equal
+    saved = io.BytesIO()
+    torch.save(method.state_dict(), saved)
+    saved.seek(0)
     restored = P2OT(_cfg(method="p2ot"), P2OTConfig(buffer_batches=2), K, total_steps=50)
-    restored.load_state_dict(method.state_dict())
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    assert torch.equal(restored.buffer, expected_buffers[-1])
+    assert torch.equal(restored.warm, method.warm) and restored.warm.shape == (K + 1,)
+    warm = method.warm.clone()
+    # with a full buffer each plan is solved over [buffer; batch] and its last N rows are the targets
+    t1, m1, t2, m2 = _logits(13, scale=2.0)
     a = method.batch_loss(t1, m1, t2, m2, step=3).loss
     b = restored.batch_loss(t1, m1, t2, m2, step=3).loss
     assert a.item() == b.item()
-    pool = torch.cat([batches[1][0], batches[2][0], t2])
-    plan, _ = p2ot_plan(pool, rho_schedule(3, 50, 0.1), warm_start=restored.state_dict()["warm"])
-    assert plan.shape == (3 * N, K)
+    rho = rho_schedule(3, 50, 0.1)
+    buffer = expected_buffers[-1]
+    plan_2, state_2 = p2ot_plan(torch.cat([buffer, t2]), rho, warm_start=warm)
+    plan_1, _ = p2ot_plan(torch.cat([buffer, t1]), rho, warm_start=state_2)
+    expected = 0.5 * (_soft_ce(t1, plan_2[-N:]) + _soft_ce(t2, plan_1[-N:]))
+    assert a.item() == pytest.approx(expected.item(), rel=1e-5)
+    # and the oldest batch leaves the FIFO on both
+    for m in (method, restored):
+        assert torch.equal(m.buffer, torch.cat([batches[2][0], t1]))
 
 
 def test_p2ot_variants_choose_rho():
@@ -153,5 +183,27 @@ def test_p2ot_with_mini_weights_adds_the_mini_head_losses():
     mini = P2OT(cfg, P2OTConfig(mini_weights=True), K, 50).batch_loss(t1, m1, t2, m2, step=5)
     w = obj.class_weights(obj.contingency(t1.argmax(1), m1.argmax(1), K, M), cfg.delta, "mini")
     assert torch.equal(mini.weights, w)
-    assert mini.stats["l_m"] > 0 and mini.stats["l_s"] > 0
-    assert mini.loss.item() != pytest.approx(plain.loss.item())
+    assert len(set(w.tolist())) > 1  # unequal weights, so the re-weighting shows in the value
+    # by hand: the swapped plans, each sample's soft CE weighted by the weight of its target's argmax,
+    # plus alpha L_m + beta L_s of the mini-cluster head
+    rho = rho_schedule(5, 50, 0.1)
+    q_for_1, state = p2ot_plan(t2, rho)
+    q_for_2, _ = p2ot_plan(t1, rho, warm_start=state)
+
+    def weighted_soft_ce(logits, target):
+        per_sample = -(target * F.log_softmax(logits, 1)).sum(1)
+        sample_w = w[target.argmax(1)]
+        return (sample_w * per_sample).sum() / sample_w.sum()
+
+    l_r = 0.5 * (weighted_soft_ce(t1, q_for_1) + weighted_soft_ce(t2, q_for_2))
+    l_m, n_m = obj.confident_cross_entropy(m1, m2, cfg.tau, balance=cfg.aux_balance)
+    l_s = obj.similarity_alignment(t1.softmax(1), m1.softmax(1), cfg.similarity_normalize_rows)
+    assert n_m > 0 and mini.stats["n_confident_m"] == n_m
+    assert mini.stats["l_r"] == pytest.approx(l_r.item(), rel=1e-5)
+    assert mini.stats["l_m"] == pytest.approx(l_m.item(), rel=1e-5)
+    assert mini.stats["l_s"] == pytest.approx(l_s.item(), rel=1e-5)
+    assert mini.loss.item() == pytest.approx((l_r + cfg.alpha * l_m + cfg.beta * l_s).item(), rel=1e-5)
+    # without mini weights: the unweighted plan loss alone
+    unweighted = 0.5 * (_soft_ce(t1, q_for_1) + _soft_ce(t2, q_for_2))
+    assert plain.loss.item() == pytest.approx(unweighted.item(), rel=1e-5)
+    assert abs(l_r.item() - unweighted.item()) > 1e-3  # the weighting is visible at this tolerance
