@@ -291,17 +291,58 @@ def test_bench_objectives_agree():
 
 def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
     import csv
+    import time
 
     from mcscale import bench_kernels as bench
 
-    monkeypatch.setattr(bench, "_variants", lambda cuda: [("eager", lambda: bench.eager_objective)])
+    def slow():  # eager plus 30 ms a step: a variant whose speed-up must come out below 1
+        def fn(*inputs):
+            time.sleep(0.03)
+            return bench.eager_objective(*inputs)
+        return fn
+
+    def broken():
+        def fn(*inputs):
+            raise RuntimeError("no kernel for this size\nsecond line")
+        return fn
+
+    variants = [("eager", lambda: bench.eager_objective), ("slow", slow), ("broken", broken)]
+    monkeypatch.setattr(bench, "_variants", lambda cuda: variants)
     out = tmp_path / "bench.csv"
-    rows = bench.run(str(out), device="cpu", repeats=1, sizes=[(32, 3, 7)])
-    with open(out) as f:
-        written = list(csv.DictReader(f))
-    assert [r["variant"] for r in written] == ["eager"] and written[0]["n"] == "32"
-    assert rows[0]["torch"] == torch.__version__ and written[0]["device"].startswith("cpu")
-    assert float(written[0]["median_ms"]) > 0 and written[0]["error"] == ""
+    sizes = [(32, 3, 7), (48, 5, 11)]
+    rows = bench.run(str(out), device="cpu", repeats=3, sizes=sizes)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.FIELDS
+        written = list(reader)
+    assert written == [{key: str(value) for key, value in row.items()} for row in rows]
+    assert [(int(r["n"]), int(r["k"]), int(r["m"]), r["variant"]) for r in written] == [
+        (*size, name) for size in sizes for name in ("eager", "slow", "broken")]
+    for r in written:
+        assert r["device"].startswith("cpu (") and r["torch"] == torch.__version__ and r["repeats"] == "3"
+        assert r["launches"] == "" and r["peak_mem_mb"] == ""  # not counted for PyTorch variants, no CUDA
+    for size in sizes:
+        eager, slow_row, failed = [r for r in written if (int(r["n"]), int(r["k"]), int(r["m"])) == size]
+        assert eager["error"] == slow_row["error"] == ""
+        assert 0 < float(eager["median_ms"]) and 0 < float(eager["first_ms"])
+        assert float(slow_row["median_ms"]) >= 30.0
+        assert float(eager["speedup_vs_eager"]) == 1.0
+        ratio = float(eager["median_ms"]) / float(slow_row["median_ms"])
+        assert float(slow_row["speedup_vs_eager"]) == pytest.approx(ratio, abs=0.011) and ratio < 1
+        # a failing variant is a row with its error (first line) and no numbers
+        assert failed["error"] == "RuntimeError: no kernel for this size"
+        assert failed["median_ms"] == failed["loss"] == failed["speedup_vs_eager"] == ""
+        # the logged loss is the objective of the benchmark's inputs, composed from mcscale.objectives
+        lt1, lm1, lt2, lm2 = bench.make_inputs(*size, "cpu")
+        k, m = size[1], size[2]
+        w = obj.class_weights(obj.contingency(lt1.argmax(1), lm1.argmax(1), k, m), bench.DELTA, "mini")
+        l_r, n_t = obj.confident_cross_entropy(lt1, lt2, bench.TAU, w)
+        l_m, n_m = obj.confident_cross_entropy(lm1, lm2, bench.TAU, balance=True)
+        l_s = obj.similarity_alignment(lt1.softmax(1), lm1.softmax(1), True)
+        assert n_t > 0 and n_m > 0
+        expected = (l_r + bench.ALPHA * l_m + bench.BETA * l_s).item()
+        assert float(eager["loss"]) == pytest.approx(expected, rel=1e-5)
+        assert slow_row["loss"] == eager["loss"]
     assert "median_ms" in capsys.readouterr().out
 
 
