@@ -1,11 +1,14 @@
 """Every user error of the CLI is one line on stderr and a non-zero exit, before any work starts."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mcscale.cli import main, parse_args
-from mcscale.config import CONFIG_DIR, ConfigError, load_config
+from mcscale.config import CONFIG_DIR, Config, ConfigError, load_config
 
 
 def _run(capsys, *argv):
@@ -145,10 +148,46 @@ def test_every_paper_setting_has_a_config():
     assert expected <= names
 
 
+def _merged_yaml(path: Path) -> dict:
+    """Plain reference of a config file's values: its YAML over its ``base:`` chain's, key by key."""
+    values = yaml.safe_load(path.read_text()) or {}
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = _merged_yaml(path.parent / base)
+    for key, value in values.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
-def test_configs_load_and_validate(path):
+def test_configs_load_and_validate(path, tmp_path):
     cfg = load_config(str(path))
     assert cfg.cluster.method in ("mini", "maxi", "p2ot")
+    # every value the YAML (and its base chain) states reaches the config; every other key keeps its default
+    stated = _merged_yaml(path)
+    expected = dataclasses.asdict(Config())
+    for key, value in stated.items():
+        if isinstance(value, dict):
+            unknown = set(value) - set(expected[key])
+            assert not unknown, f"{path.name}: {key}.{sorted(unknown)}"
+            expected[key].update(value)
+        else:
+            expected[key] = value
+    assert dataclasses.asdict(cfg) == expected
+    assert stated.get("cluster", {}), path.name  # a config states at least its clustering settings
+    # the same file with one value broken is refused, naming the key
+    for broken, needle in (("cluster:\n  tau: 1.5\n", "cluster.tau"), ("cluster:\n  taus: 0.5\n", "cluster.taus"),
+                           ("cluster:\n  num_aux: forty\n", "cluster.num_aux: expected int"),
+                           ("p2ot:\n  rho0: 0\n", "p2ot.rho0")):
+        bad = tmp_path / "broken.yaml"
+        bad.write_text(f"base: {path.resolve()}\n{broken}")
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(str(bad))
+    # and the copy that breaks nothing loads to the same config (so the refusals come from the one value)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(f"base: {path.resolve()}\n")
+    assert load_config(str(fine)) == cfg
 
 
 def test_paper_values_reach_the_config():
