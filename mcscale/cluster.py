@@ -84,6 +84,16 @@ def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, devic
     return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux, cosine_scale=cosine).to(device)
 
 
+def step_loss(model: ClusterModel, method, batch, step: int):
+    """The forward half of a training step: both views of ``batch`` (this rank's rows) through the
+    model and the method's ``BatchResult`` for them. Backward and the gradient average are the
+    caller's (``run_cluster``; tests/test_parallel.py compares one step from a saved state)."""
+    with torch.set_grad_enabled(method.trains_both_views):
+        logits_t2, logits_m2 = model(batch.x2)
+    logits_t1, logits_m1 = model(batch.x1)
+    return method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
+
+
 def run_cluster(
     cfg: Config,
     encoder_dir: str | Path,
@@ -158,10 +168,7 @@ def run_cluster(
     try:
         while step < total:
             batch = views.two_views(cfg.seed, step, c.batch_size, par.rank, par.world_size)
-            with torch.set_grad_enabled(method.trains_both_views):
-                logits_t2, logits_m2 = model(batch.x2)
-            logits_t1, logits_m1 = model(batch.x1)
-            result = method.batch_loss(logits_t1, logits_m1, logits_t2, logits_m2, step=step)
+            result = step_loss(model, method, batch, step)
             # the loss is the global batch's on every rank: all ranks take the same decision here
             finite = result.loss is None or guard.loss_is_finite(result.loss, step, batch.index)
             if result.loss is None:
