@@ -8,6 +8,8 @@ computes the single-process reference on the concatenated batch and compares val
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +38,9 @@ class Case:
     grad: tuple = ()  # names of the inputs that get requires_grad
     nbytes: int | None = None  # expected bytes on every rank
     dtype: torch.dtype = torch.float64
+    # (rows, shared) -> the same outputs as ``run``, by plain formulas on the whole batch (loops, dense
+    # matrices, a textbook Sinkhorn): the independent reference of the world-size-1 test
+    plain: Callable[[dict, dict], dict] | None = None
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -50,6 +55,68 @@ def _tol(dtype) -> dict:
     return dict(rtol=1e-5, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
 
 
+# ---------------------------------------------------------------- plain references
+def _log_softmax_plain(z: torch.Tensor) -> torch.Tensor:
+    """log p_ij = z_ij - c_i - log sum_j exp(z_ij - c_i), c_i the row maximum."""
+    shifted = z - z.max(1, keepdim=True).values.detach()
+    return shifted - torch.log(torch.exp(shifted).sum(1, keepdim=True))
+
+
+def plain_confident_ce(logits, pseudo, tau, class_weight=None, balance=False, normalize="weight_sum"):
+    """Confident-set cross-entropy written out sample by sample (METHOD section 4)."""
+    p = torch.exp(pseudo.detach().double())
+    p = p / p.sum(1, keepdim=True)
+    conf, labels = p.max(1)
+    chosen = [i for i in range(len(labels)) if conf[i] > tau]
+    if not chosen:
+        return logits.sum() * 0.0, 0
+    per_class = {}
+    for i in chosen:
+        per_class[int(labels[i])] = per_class.get(int(labels[i]), 0) + 1
+    log_p = _log_softmax_plain(logits)
+    total, weight_sum = 0.0, 0.0
+    for i in chosen:
+        y = int(labels[i])
+        w = 1.0 if class_weight is None else float(class_weight[y])
+        if balance:
+            w *= len(chosen) / per_class[y]
+        total = total - w * log_p[i, y]
+        weight_sum += w
+    return total / (weight_sum if normalize == "weight_sum" else len(chosen)), len(chosen)
+
+
+def plain_similarity(probs_t, probs_m, normalize_rows):
+    """(1/N^2) sum_ij (S_t - S_m)^2 with the N x N similarity matrices built explicitly."""
+    a, b = probs_t, probs_m
+    if normalize_rows:
+        a = a / torch.sqrt((a * a).sum(1, keepdim=True))
+        b = b / torch.sqrt((b * b).sum(1, keepdim=True))
+    n = a.shape[0]
+    return ((a @ a.T - b @ b.T) ** 2).sum() / (n * n)
+
+
+def plain_sinkhorn(logits, rho, eps, lam, tol=1e-13, max_iter=100000):
+    """Textbook log-domain scaling for the P2OT plan (METHOD section 7): a virtual zero-cost column of
+    mass 1 - rho, hard rows 1/N, KL-relaxed real columns rho/K (exponent lam / (lam + eps))."""
+    z = logits.detach().double()
+    n, k = z.shape
+    log_kernel = torch.cat([_log_softmax_plain(z) / eps, torch.zeros(n, 1, dtype=torch.float64)], 1)
+    log_beta = torch.tensor([math.log(rho / k)] * k + [math.log(1.0 - rho)], dtype=torch.float64)
+    f = torch.tensor([lam / (lam + eps)] * k + [1.0], dtype=torch.float64)
+    log_v = torch.zeros(k + 1, dtype=torch.float64)
+    for _ in range(max_iter):
+        log_u = -math.log(n) - torch.logsumexp(log_kernel + log_v, 1)
+        new = f * (log_beta - torch.logsumexp(log_kernel + log_u[:, None], 0))
+        done = (new - log_v).abs().max() < tol
+        log_v = new
+        if done:
+            break
+    else:
+        raise AssertionError("the plain Sinkhorn did not converge")
+    log_u = -math.log(n) - torch.logsumexp(log_kernel + log_v, 1)
+    return n * torch.exp(log_u[:, None] + log_kernel[:, :k] + log_v[:k]), log_v
+
+
 # ---------------------------------------------------------------- case builders
 def contingency_case(split):
     def make():
@@ -60,7 +127,13 @@ def contingency_case(split):
         fn = D.global_contingency if distributed else obj.contingency
         return {"same": {"counts": fn(rows["a"], rows["b"], K, M)}}
 
-    return Case(make, run, split, nbytes=K * M * I64)
+    def plain(rows, shared):
+        counts = torch.zeros(K, M, dtype=torch.int64)
+        for a, b in zip(rows["a"].tolist(), rows["b"].tolist()):
+            counts[a, b] += 1
+        return {"same": {"counts": counts}}
+
+    return Case(make, run, split, nbytes=K * M * I64, plain=plain)
 
 
 def _pseudo_logits(g, n, classes, split, empty, dtype):
@@ -88,7 +161,12 @@ def ce_case(split, balance, normalize, weighted, empty="none", classes=K, dtype=
         loss, selected = fn(rows["x"] @ shared["w"], rows["pseudo"], tau, cw, balance, normalize)
         return {"loss": loss, "same": {"selected": selected}}
 
-    return Case(make, run, split, ("x", "w"), 2 * classes * F64, dtype)
+    def plain(rows, shared):
+        cw = shared["cw"] if weighted else None
+        loss, selected = plain_confident_ce(rows["x"] @ shared["w"], rows["pseudo"], tau, cw, balance, normalize)
+        return {"loss": loss, "same": {"selected": selected}}
+
+    return Case(make, run, split, ("x", "w"), 2 * classes * F64, dtype, plain)
 
 
 def similarity_case(split, normalize_rows, method, k=K, m=M, dtype=torch.float64, nbytes=None):
@@ -104,7 +182,12 @@ def similarity_case(split, normalize_rows, method, k=K, m=M, dtype=torch.float64
             return {"loss": D.global_similarity_alignment(pt, pm, normalize_rows, method)}
         return {"loss": obj.similarity_alignment(pt, pm, normalize_rows)}
 
-    return Case(make, run, split, ("x", "wt", "wm"), nbytes, dtype)
+    def plain(rows, shared):
+        pt = torch.exp(rows["x"] @ shared["wt"])
+        pm = torch.exp(rows["x"] @ shared["wm"])
+        return {"loss": plain_similarity(pt / pt.sum(1, keepdim=True), pm / pm.sum(1, keepdim=True), normalize_rows)}
+
+    return Case(make, run, split, ("x", "wt", "wm"), nbytes, dtype, plain)
 
 
 def gram_bytes(k, m, itemsize=F64):
@@ -132,8 +215,19 @@ def long_tail_case(split, variant, masking, num_aux=None, dtype=torch.float64):
         loss = fn(rows["x"] @ shared["w"], rows["y"], shared["counts"], variant, 0.9, rows["mask"], num_aux)
         return {"loss": loss}
 
+    def plain(rows, shared):
+        """Only the class-balanced variant (Cui et al.): weight (1 - g) / (1 - g^n_y), weighted mean."""
+        assert variant == "cb"
+        log_p = _log_softmax_plain(rows["x"] @ shared["w"])
+        total, weight_sum = 0.0, 0.0
+        for i in torch.nonzero(rows["mask"]).flatten().tolist():
+            y = int(rows["y"][i])
+            w = (1 - 0.9) / (1 - 0.9 ** float(shared["counts"][y]))
+            total, weight_sum = total - w * log_p[i, y], weight_sum + w
+        return {"loss": total / weight_sum}
+
     itemsize = F64 if dtype == torch.float64 else F32
-    return Case(make, run, split, ("x", "w"), 2 * itemsize, dtype)
+    return Case(make, run, split, ("x", "w"), 2 * itemsize, dtype, plain if variant == "cb" else None)
 
 
 def reference_soft_ce(logits, target, weights=None):
@@ -157,7 +251,16 @@ def soft_ce_case(split, weighted):
         fn = D.global_soft_cross_entropy if distributed else reference_soft_ce
         return {"loss": fn(rows["x"] @ shared["w"], rows["target"], cw)}
 
-    return Case(make, run, split, ("x", "w"), 2 * F32, torch.float32)
+    def plain(rows, shared):
+        log_p = _log_softmax_plain(rows["x"] @ shared["w"])
+        target = rows["target"]
+        total, weight_sum = 0.0, 0.0
+        for i in range(target.shape[0]):
+            w = float(shared["cw"][int(target[i].argmax())]) if weighted else 1.0
+            total, weight_sum = total - w * (target[i] * log_p[i]).sum(), weight_sum + w
+        return {"loss": total / weight_sum}
+
+    return Case(make, run, split, ("x", "w"), 2 * F32, torch.float32, plain)
 
 
 def p2ot_case(split, with_buffer):
@@ -178,7 +281,13 @@ def p2ot_case(split, with_buffer):
         same = {"log_v": state["log_v"], "iterations": state["iterations"], "global_logits": current}
         return {"rows": {"plan": plan}, "same": same}
 
-    return Case(make, run, split, nbytes=I64 + max(split) * K * F32, dtype=torch.float32)
+    def plain(rows, shared):  # the iteration count is the solver's own business: not compared
+        pool = rows["z"] if not with_buffer else torch.cat([shared["buffer"], rows["z"]])
+        plan, log_v = plain_sinkhorn(pool, 0.3, eps=0.1, lam=1.0)
+        plan = plan[-rows["z"].shape[0]:].float()
+        return {"rows": {"plan": plan}, "same": {"log_v": log_v, "global_logits": rows["z"]}}
+
+    return Case(make, run, split, nbytes=I64 + max(split) * K * F32, dtype=torch.float32, plain=plain)
 
 
 def collectives_case(split):
@@ -199,8 +308,15 @@ def collectives_case(split):
             loss = loss + (D.world_size() - 1) * (loss - loss.detach())
         return {"loss": loss, "same": {"gathered": gathered, "total": total}}
 
+    def plain(rows, shared):
+        x, c = rows["x"], shared["c"]
+        total = torch.zeros(4, dtype=x.dtype)
+        for row in x.detach():
+            total += row
+        return {"loss": ((x @ c) ** 2).sum() / x.shape[0], "same": {"gathered": x.detach().clone(), "total": total}}
+
     nbytes = 2 * (I64 + max(split) * 4 * F64) + 4 * F64  # two gathers (sizes + rows) and one reduce
-    return Case(make, run, split, ("x",), nbytes)
+    return Case(make, run, split, ("x",), nbytes, plain=plain)
 
 
 def head_guided_case(split, dtype):
@@ -225,9 +341,25 @@ def head_guided_case(split, dtype):
         l_s = sim(torch.softmax(t1, 1), torch.softmax(m1, 1), True)
         return {"loss": l_r + 0.7 * l_m + 2.0 * l_s, "same": {"weights": weights, "n": (n_t, n_m)}}
 
+    def plain(rows, shared):
+        t1, m1 = rows["x1"] @ shared["wt"], rows["x1"] @ shared["wm"]
+        t2, m2 = rows["x2"] @ shared["wt"], rows["x2"] @ shared["wm"]
+        counts = torch.zeros(K, M)
+        for a, b in zip(t1.argmax(1).tolist(), m1.argmax(1).tolist()):
+            counts[a, b] += 1
+        # mini weights (Eq. 2): M / (number of mini-clusters whose share of cluster k is above delta)
+        owned = [sum(1 for j in range(M) if counts[:, j].sum() > 0 and counts[k, j] / counts[:, j].sum() > 0.1)
+                 for k in range(K)]
+        weights = torch.tensor([M / max(c, 0.5) for c in owned])
+        l_r, n_t = plain_confident_ce(t1, t2, 0.9, weights)
+        l_m, n_m = plain_confident_ce(m1, m2, 0.6, balance=True)
+        pt, pm = torch.exp(t1), torch.exp(m1)
+        l_s = plain_similarity(pt / pt.sum(1, keepdim=True), pm / pm.sum(1, keepdim=True), True)
+        return {"loss": l_r + 0.7 * l_m + 2.0 * l_s, "same": {"weights": weights, "n": (n_t, n_m)}}
+
     itemsize = F64 if dtype == torch.float64 else F32
     nbytes = K * M * I64 + 2 * K * F64 + 2 * M * F64 + gram_bytes(K, M, itemsize)
-    return Case(make, run, split, ("x1", "wt", "wm"), nbytes, dtype)
+    return Case(make, run, split, ("x1", "wt", "wm"), nbytes, dtype, plain)
 
 
 def _cases() -> dict[str, Case]:
@@ -354,21 +486,31 @@ def test_two_ranks_equal_one_process(ranks, name):
 
 
 # ---------------------------------------------------------------- world size 1 (no process group)
-@pytest.mark.parametrize("name", ["ce-uneven-bal1-weight_sum-w1", "ls-even-gram-norm1", "ls-auto-picks-gather",
-                                  "lt-uneven-cb", "soft-ce-even-weighted", "p2ot-uneven-buffer",
+@pytest.mark.parametrize("name", ["contingency-uneven", "ce-uneven-bal1-weight_sum-w1", "ce-even-bal0-count-w0",
+                                  "ls-even-gram-norm1", "ls-uneven-gather-norm0", "ls-auto-picks-gather",
+                                  "lt-uneven-cb", "soft-ce-even-weighted", "p2ot-uneven-buffer", "p2ot-even",
                                   "collectives-uneven", "head-guided-float32", "ce-empty-both-bal1-count"])
 def test_world_size_one_is_the_reference(name):
+    """Without a process group the global functions give what plain formulas give on the whole batch:
+    values, per-row outputs and gradients, with no communication."""
     assert not dist.is_initialized()
     assert (D.world_size(), D.rank()) == (1, 0)
     case = CASES[name]
     n = sum(case.split)
-    got, ref = execute(case, 0, n, distributed=True), execute(case, 0, n, distributed=False)
+    got = execute(case, 0, n, distributed=True)
+    plain = execute(dataclasses.replace(case, run=lambda rows, shared, _: case.plain(rows, shared)), 0, n, False)
     assert got["bytes"] == 0
-    if ref["loss"] is not None:
-        assert_close(got["loss"], ref["loss"], case.dtype, "loss")
-    for part in ("same", "rows", "grads"):
-        for key, expected in ref[part].items():
+    assert (got["loss"] is None) == (plain["loss"] is None)
+    if plain["loss"] is not None:
+        assert_close(got["loss"], plain["loss"].to(got["loss"].dtype), case.dtype, "loss")
+    for part in ("same", "rows"):
+        assert set(got[part]) - set(plain[part]) <= {"iterations"}, part
+        for key, expected in plain[part].items():
             assert_close(got[part][key], expected, case.dtype, f"{part} {key}")
+    empty = plain["loss"] is not None and float(plain["loss"]) == 0.0  # an empty confident set: zero gradients
+    for key in case.grad:
+        assert plain["grads"][key] is not None and (empty or plain["grads"][key].abs().sum() > 0), key
+        assert_close(got["grads"][key], plain["grads"][key], case.dtype, f"gradient of {key}")
 
 
 def test_world_size_one_collectives_are_copies():
