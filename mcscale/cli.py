@@ -50,7 +50,8 @@ def _add_run_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--batch-size", type=int, help=f"global batch size ({stage}.batch_size)")
     p.add_argument("--seed", type=int, help="run seed (seed)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. cluster.tau=0.95")
+    example = "cluster.tau=0.95" if stage == "cluster" else "pretrain.lr=0.1"
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {example}")
     p.add_argument(
         "--resume", nargs="?", const=RESUME_AUTO, metavar="auto|CKPT",
         help="continue the run in --out: from its latest good checkpoint (--resume or --resume auto; a newer"
@@ -66,15 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mcscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="BYOL + K-means, self-labelling and MiniClustering on digits-LT")
+    p = sub.add_parser("quickstart", help="BYOL, then encoder + K-means, self-labelling, MiniClustering, P2OT and"
+                       " P2OT + mini-cluster weights on digits-LT (a few CPU minutes)")
     p.add_argument("--out", default="runs/quickstart", help="folder for the runs and summary.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the long-tailed subset, BYOL and every method")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    p.add_argument("--resume", nargs="?", const=RESUME_AUTO, choices=(RESUME_AUTO,), metavar="auto",
+                   help="continue a stopped quickstart in --out: each stage from its latest good checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every stage, e.g. max_steps=20 for a smoke run")
 
     p = sub.add_parser("pretrain", help="BYOL pre-training of the encoder")
     _add_run_options(p, "pretrain")
 
-    p = sub.add_parser("cluster", help="K-means head init, then Mini / Maxi / self-labelling training")
+    p = sub.add_parser("cluster", help="K-means head init, then MiniClustering / MaxiClustering / self-labelling /"
+                       " P2OT training (cluster.method)")
     _add_run_options(p, "cluster")
     p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
 
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_parser(sub)
 
-    p = sub.add_parser("bench", help="benchmarks: the P2OT solver or the head-objective kernels")
+    p = sub.add_parser("bench", help="benchmarks: the P2OT solver, the head-objective kernels or the data loaders")
     p.add_argument("target", choices=sorted(BENCHMARKS), help="what to time")
     p.add_argument("--out", help="CSV to write (default benchmarks/<target>_<device>.csv)")
     p.add_argument("--repeats", type=int, default=3)
@@ -119,7 +126,7 @@ def _config_from_args(args, stage: str):
 
 def _say(text: str) -> None:
     """Print once per job: on rank 0 of a multi-process run (every rank ends with the same result)."""
-    from mcscale.parallel import launched_rank
+    from mcscale.launcher import launched_rank
 
     if launched_rank() == 0:
         print(text)
@@ -141,26 +148,32 @@ def _resume_from(args) -> Path | None:
 
 
 def _dispatch(args) -> int:
+    # configuration first: a config error is reported before torch and the data load
+    stage = args.command if args.command in ("pretrain", "cluster") else None
+    if stage is not None:
+        from mcscale.launcher import check_global_batch, launched_world_size
+
+        cfg = _config_from_args(args, stage)
+        batch = getattr(cfg, stage).batch_size
+        check_global_batch(batch, launched_world_size(), f"{stage}.batch_size", cfg.distributed.sync_batchnorm)
     if args.command == "pretrain":
         from mcscale.pretrain import run_pretrain
 
-        cfg = _config_from_args(args, "pretrain")
         path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu, resume_from=_resume_from(args))
         _say(f"encoder written to {path}")
     elif args.command == "cluster":
         from mcscale.cluster import run_cluster
 
-        cfg = _config_from_args(args, "cluster")
         metrics = run_cluster(cfg, args.encoder, args.out, resume=args.resume, force_cpu=args.cpu,
                               resume_from=_resume_from(args))
         _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
     elif args.command == "eval":
-        from mcscale.cluster import run_eval
-        from mcscale.runtime import RunError
-
         args.run = args.run or args.run_dir
         if not args.run:
+            from mcscale.errors import RunError
+
             raise RunError("eval: name the run folder (mcscale eval RUN, or --run RUN)")
+        from mcscale.cluster import run_eval
 
         metrics = run_eval(args.run, force_cpu=args.cpu)
         _print_metrics(f"re-evaluated {args.run}", metrics)
@@ -189,7 +202,8 @@ def _dispatch(args) -> int:
     elif args.command == "quickstart":
         from mcscale.quickstart import run_quickstart
 
-        run_quickstart(args.out, seed=args.seed, force_cpu=args.cpu)
+        run_quickstart(args.out, seed=args.seed, force_cpu=args.cpu, resume=args.resume is not None,
+                       overrides=args.overrides)
     return 0
 
 
@@ -202,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
-    if hasattr(args, "resume"):
+    if hasattr(args, "resume") and args.command != "quickstart":
         _resume_args(args, parser)
     if args.command is None:
         parser.print_help()
@@ -215,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mcscale.config import ConfigError
     from mcscale.data.sources import DataError
-    from mcscale.runtime import RunError, StopRequested
+    from mcscale.errors import RunError, StopRequested
 
     # under a multi-process launcher, lines from ranks other than 0 say which rank they come from
-    from mcscale.parallel import launched_rank
+    from mcscale.launcher import launched_rank
 
     rank = launched_rank()
     tag = f"mcscale[rank {rank}]" if rank else "mcscale"
@@ -238,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag}: interrupted; resume with the same command and --resume auto", file=sys.stderr)
         return 130
     finally:
-        from mcscale.parallel import leave_process_group
+        if "torch.distributed" in sys.modules:  # only a run that got that far can have joined a group
+            from mcscale.parallel import leave_process_group
 
-        leave_process_group()
+            leave_process_group()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from mcscale.stage import (
     open_run_folder,
     read_run_config,
     restore_on_all_ranks,
+    rows_per_step,
     save_on_main,
+    unlock_run_folder,
     write_config,
 )
 
@@ -104,117 +106,121 @@ def run_cluster(
     resume_from: str | Path | None = None,
 ) -> dict:
     c = cfg.cluster
-    parallel.check_global_batch(c.batch_size, parallel.launched_world_size(), "cluster.batch_size")
+    parallel.check_global_batch(c.batch_size, parallel.launched_world_size(), "cluster.batch_size",
+                                cfg.distributed.sync_batchnorm)
     par = parallel.setup(cfg.device, force_cpu)
     device = par.device
     seed_everything(cfg.seed)
     subset, class_counts, views = load_views(cfg, device, c.batch_size, par)
     k = check_against_data(cfg, len(views), subset.num_classes)
     out = open_run_folder(par, out_dir, resume, overwrite)
-    labels = subset.labels
-    encoder, arch = load_encoder(encoder_dir, device)
-    model = build_cluster_model(cfg, encoder, arch, device, k)
-    if par.active and cfg.distributed.sync_batchnorm:
-        convert_batchnorm(model)
-    par.broadcast_state(model)
-    identity = _identity(cfg, k, arch)
-    per_epoch = views.steps_per_epoch(c.batch_size)
-    total = cfg.max_steps or c.epochs * per_epoch
-    method = build_method(cfg, k, total, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-
-    components = {"model": model, "optimizer": optimizer, "method": method}
-    sharded = cfg.data.loader != "tensor"
-    state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from, sharded) if resume else None
-    # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
-    if par.is_main:
-        write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
-                                "num_samples": len(views), "class_counts": class_counts,
-                                "world_size": par.world_size})
-    if state:
-        step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
-    else:
-        baseline = _init_heads(model, views, cfg, k, par)
-        kmeans_metrics = full_metrics(labels, baseline, class_counts)
-        step, skipped = 0, 0
-        if par.is_main:
-            atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
-    log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
-
-    def evaluate(**kwargs):
-        result = evaluate_model(model, views, labels, class_counts, cfg, k, par=par, **kwargs)
-        COMM.reset()  # comm_bytes counts training steps only, not the gathers of an evaluation
-        return result
-
-    if step == 0:
-        metrics0 = evaluate()
-        if log:
-            log.eval(0, metrics0)
-
-    def checkpoint():
-        save_on_main(par, out, step, {
-            "step": step, "skipped": skipped, "identity": identity, "architecture": arch,
-            "kmeans": kmeans_metrics, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "method": method.state_dict(),
-        })
-
-    # counted in images so the bar shows throughput (img/s) beside the time remaining
-    images_per_step = min(c.batch_size, len(views))
-    bar = progress(total=total * images_per_step, initial=step * images_per_step, desc=f"cluster[{c.method}]",
-                   unit="img", unit_scale=True, disable=not par.is_main or None)
-    guard = StepGuard(cfg.max_nonfinite_steps)
-    model.train()
-    COMM.reset()
     try:
-        while step < total:
-            batch = views.two_views(cfg.seed, step, c.batch_size, par.rank, par.world_size)
-            result = step_loss(model, method, batch, step)
-            # the loss is the global batch's on every rank: all ranks take the same decision here
-            finite = result.loss is None or guard.loss_is_finite(result.loss, step, batch.index)
-            if result.loss is None:
-                skipped += 1
-            elif finite:
-                optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                par.average_gradients(model.parameters())
-                optimizer.step()
-            step += 1
-            record = {"step": step, "epoch": (step - 1) // per_epoch,
-                      "loss": float(result.loss.detach()) if result.loss is not None and finite else None,
-                      **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
-                      "lr": optimizer.param_groups[0]["lr"]}
-            if par.active:
-                record["comm_bytes"] = COMM.take()  # this rank's messages in this step's collectives
-            if not finite:
-                record.update({"nonfinite": True, "indices": batch.index.tolist()})
-            if result.weights is not None:
-                record["weights"] = [round(float(w), 4) for w in result.weights]
-            if log:
-                log.step(record)
-            bar.update(images_per_step)
-            bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
-            if c.eval_every and step % c.eval_every == 0 and step < total:
-                metrics_now = evaluate()
-                if log:
-                    log.eval(step, metrics_now)
-            guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out, agree=par.any)
-    finally:
-        guard.close()
-        bar.close()
-    final, preds = evaluate(with_predictions=True)
-    final["skipped_batches"] = skipped
-    final["steps"] = step
-    metrics = {"kmeans": kmeans_metrics, "final": final}
-    if log:
-        log.eval(step, final)
-        log.close()
-        atomic_write_json(out / "metrics.json", metrics)
-        if cfg.logging.report:
-            from mcscale.reporting import prediction_arrays, write_report
+        labels = subset.labels
+        encoder, arch = load_encoder(encoder_dir, device)
+        model = build_cluster_model(cfg, encoder, arch, device, k)
+        if par.active and cfg.distributed.sync_batchnorm:
+            convert_batchnorm(model)
+        par.broadcast_state(model)
+        identity = _identity(cfg, k, arch)
+        per_epoch = views.steps_per_epoch(c.batch_size)
+        total = cfg.max_steps or c.epochs * per_epoch
+        method = build_method(cfg, k, total, device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
-            write_report(out, predictions=prediction_arrays(preds, labels), step=step, force_cpu=force_cpu)
-    par.barrier()
-    return metrics
+        components = {"model": model, "optimizer": optimizer, "method": method}
+        sharded = cfg.data.loader != "tensor"
+        state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from, sharded) if resume else None
+        # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
+        if par.is_main:
+            write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
+                                    "num_samples": len(views), "class_counts": class_counts,
+                                    "world_size": par.world_size})
+        if state:
+            step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
+        else:
+            baseline = _init_heads(model, views, cfg, k, par)
+            kmeans_metrics = full_metrics(labels, baseline, class_counts)
+            step, skipped = 0, 0
+            if par.is_main:
+                atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
+        log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
+
+        def evaluate(**kwargs):
+            result = evaluate_model(model, views, labels, class_counts, cfg, k, par=par, **kwargs)
+            COMM.reset()  # comm_bytes counts training steps only, not the gathers of an evaluation
+            return result
+
+        if step == 0:
+            metrics0 = evaluate()
+            if log:
+                log.eval(0, metrics0)
+
+        def checkpoint():
+            save_on_main(par, out, step, {
+                "step": step, "skipped": skipped, "identity": identity, "architecture": arch,
+                "kmeans": kmeans_metrics, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "method": method.state_dict(),
+            })
+
+        # counted in images so the bar shows throughput (img/s) beside the time remaining
+        images_per_step = rows_per_step("cluster.batch_size", c.batch_size, len(views), par)
+        bar = progress(total=total * images_per_step, initial=step * images_per_step, desc=f"cluster[{c.method}]",
+                       unit="img", unit_scale=True, step_size=images_per_step, disable=not par.is_main)
+        guard = StepGuard(cfg.max_nonfinite_steps, saved_step=state["step"] if state else None)
+        model.train()
+        COMM.reset()
+        try:
+            while step < total:
+                batch = views.two_views(cfg.seed, step, c.batch_size, par.rank, par.world_size)
+                result = step_loss(model, method, batch, step)
+                # the loss is the global batch's on every rank: all ranks take the same decision here
+                finite = result.loss is None or guard.loss_is_finite(result.loss, step, batch.index)
+                if result.loss is None:
+                    skipped += 1
+                elif finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    result.loss.backward()
+                    par.average_gradients(model.parameters())
+                    optimizer.step()
+                step += 1
+                record = {"step": step, "epoch": (step - 1) // per_epoch,
+                          "loss": float(result.loss.detach()) if result.loss is not None and finite else None,
+                          **result.stats, "skipped": result.loss is None, "skipped_total": skipped,
+                          "lr": optimizer.param_groups[0]["lr"]}
+                if par.active:
+                    record["comm_bytes"] = COMM.take()  # this rank's messages in this step's collectives
+                if not finite:
+                    record.update({"nonfinite": True, "indices": batch.index.tolist()})
+                if result.weights is not None:
+                    record["weights"] = [round(float(w), 4) for w in result.weights]
+                if log:
+                    log.step(record)
+                bar.set_postfix(loss="skip" if record["loss"] is None else f"{record['loss']:.3f}", skipped=skipped)
+                bar.update(images_per_step)
+                if c.eval_every and step % c.eval_every == 0 and step < total:
+                    metrics_now = evaluate()
+                    if log:
+                        log.eval(step, metrics_now)
+                guard.end_of_step(step, total, c.checkpoint_every, checkpoint, out, agree=par.any)
+        finally:
+            guard.close()
+            bar.close()
+        final, preds = evaluate(with_predictions=True)
+        final["skipped_batches"] = skipped
+        final["steps"] = step
+        metrics = {"kmeans": kmeans_metrics, "final": final}
+        if log:
+            log.eval(step, final)
+            log.close()
+            atomic_write_json(out / "metrics.json", metrics)
+            if cfg.logging.report:
+                from mcscale.reporting import prediction_arrays, write_report
+
+                write_report(out, predictions=prediction_arrays(preds, labels), step=step, force_cpu=force_cpu)
+        par.barrier()
+        return metrics
+    finally:
+        unlock_run_folder(out)
 
 
 @dataclass

@@ -297,6 +297,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 # ---------------------------------------------------------------- validation
+# classes of the sources whose class count is fixed: K is known (and M checked against it) before any data loads
+KNOWN_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar20": 20, "cifar100": 100, "stl10": 10}
+IMAGE_BACKBONES = ("resnet18", "resnet50", "small_cnn")
+
+
 def _check(cond: bool, message: str):
     if not cond:
         raise ConfigError(message)
@@ -317,19 +322,13 @@ def validate(cfg: Config) -> None:
     _check(c.num_aux >= 2, f"cluster.num_aux: {c.num_aux} must be at least 2")
     if c.num_clusters is not None:
         _check(c.num_clusters >= 2, f"cluster.num_clusters: {c.num_clusters} must be at least 2")
-        if c.method == "mini":
-            _check(
-                c.num_aux > c.num_clusters,
-                f"cluster.num_aux: MiniClustering needs M > K, got M={c.num_aux} and K={c.num_clusters};"
-                " raise cluster.num_aux or use cluster.method=maxi",
-            )
-        if c.method == "maxi":
-            _check(
-                c.num_aux < c.num_clusters,
-                f"cluster.num_aux: MaxiClustering needs M < K, got M={c.num_aux} and K={c.num_clusters};"
-                " lower cluster.num_aux or use cluster.method=mini",
-            )
-    for key in ("cluster.batch_size", "pretrain.batch_size", "cluster.epochs", "pretrain.epochs", "cluster.weight_window"):
+    known_k = c.num_clusters or (KNOWN_CLASSES.get(cfg.data.source) if cfg.data.loader == "tensor" else None)
+    if known_k is not None:
+        check_heads(cfg, known_k)
+    for key in ("cluster.batch_size", "pretrain.batch_size"):
+        _check(flat[key] >= 2, f"{key}: {flat[key]} is too small: BatchNorm needs at least 2 samples a batch")
+    _check_backbone(cfg)
+    for key in ("cluster.epochs", "pretrain.epochs", "cluster.weight_window"):
         _check(flat[key] >= 1, f"{key}: {flat[key]} must be at least 1")
     for key in ("cluster.lr", "pretrain.lr", "cluster.head_scale"):
         _check(flat[key] > 0, f"{key}: {flat[key]} must be positive")
@@ -350,8 +349,6 @@ def validate(cfg: Config) -> None:
     _check(p.lam > 0, f"p2ot.lam: {p.lam} must be positive")
     _check(0.0 < p.rho0 <= 1.0, f"p2ot.rho0: {p.rho0} must lie in (0, 1]")
     _check(p.buffer_batches >= 1, f"p2ot.buffer_batches: {p.buffer_batches} must be at least 1")
-    if c.method == "p2ot" and p.mini_weights and c.num_clusters is not None:
-        _check(c.num_aux > c.num_clusters, f"cluster.num_aux: p2ot.mini_weights needs M > K, got M={c.num_aux} and K={c.num_clusters}")
     _check(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps: {cfg.max_nonfinite_steps} must be at least 1")
     if cfg.max_steps is not None:
         _check(cfg.max_steps >= 1, f"max_steps: {cfg.max_steps} must be at least 1")
@@ -368,8 +365,29 @@ def check_against_data(cfg: Config, num_samples: int, num_classes: int) -> int:
     )
     if cfg.cluster.method != "selflabel":
         _check(cfg.cluster.num_aux <= num_samples, f"cluster.num_aux: M={cfg.cluster.num_aux} exceeds the {num_samples} samples")
-    if cfg.cluster.method == "mini" or (cfg.cluster.method == "p2ot" and cfg.p2ot.mini_weights):
-        _check(cfg.cluster.num_aux > k, f"cluster.num_aux: MiniClustering needs M > K, got M={cfg.cluster.num_aux} and K={k}")
-    if cfg.cluster.method == "maxi":
-        _check(cfg.cluster.num_aux < k, f"cluster.num_aux: MaxiClustering needs M < K, got M={cfg.cluster.num_aux} and K={k}")
+    check_heads(cfg, k)
     return k
+
+
+def check_heads(cfg: Config, k: int) -> None:
+    """M against K: MiniClustering (and P2OT's mini weights) needs M > K, MaxiClustering M < K."""
+    c = cfg.cluster
+    m = c.num_aux
+    if c.method == "mini" or (c.method == "p2ot" and cfg.p2ot.mini_weights):
+        who = "MiniClustering" if c.method == "mini" else "p2ot.mini_weights"
+        _check(m > k, f"cluster.num_aux: {who} needs M > K, got M={m} and K={k};"
+               " raise cluster.num_aux" + (" or use cluster.method=maxi" if c.method == "mini" else ""))
+    if c.method == "maxi":
+        _check(m < k, f"cluster.num_aux: MaxiClustering needs M < K, got M={m} and K={k};"
+               " lower cluster.num_aux or use cluster.method=mini")
+
+
+def _check_backbone(cfg: Config) -> None:
+    """Embeddings need the feature MLP, images an image backbone (sharded loaders hold images)."""
+    backbone, source = cfg.model.backbone, cfg.data.source
+    if cfg.data.loader == "tensor" and source == "embeddings":
+        _check(backbone == "mlp", f"model.backbone: {backbone} is an image backbone but data.source is embeddings;"
+               " set model.backbone=mlp")
+    elif backbone == "mlp":
+        _check(False, f"model.backbone: mlp reads embeddings but the data are images ({cfg.data.source});"
+               f" use one of {', '.join(IMAGE_BACKBONES)}")

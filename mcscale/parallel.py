@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from mcscale.distributed import COMM
+from mcscale.launcher import ENV_KEYS, check_global_batch, launched_rank, launched_world_size  # noqa: F401
 from mcscale.runtime import RunError, pick_device
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -131,15 +131,6 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_rank() -> int:
-    """This process's rank as the launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def setup(device_name: str, force_cpu: bool = False) -> Parallel:
     """Join the process group the launcher described (if any) and pick this rank's device."""
     force_cpu = force_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -156,13 +147,3 @@ def setup(device_name: str, force_cpu: bool = False) -> Parallel:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return Parallel(dist.get_rank(), dist.get_world_size(), device)
-
-
-def check_global_batch(batch_size: int, world_size: int, key: str) -> int:
-    """Rows per rank of the global batch ``batch_size``; refuse one the ranks cannot share evenly."""
-    if batch_size % world_size:
-        from mcscale.config import ConfigError
-
-        raise ConfigError(f"{key}: the global batch {batch_size} does not split over {world_size} ranks; "
-                          f"use a multiple of {world_size}")
-    return batch_size // world_size

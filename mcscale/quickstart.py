@@ -1,7 +1,9 @@
 """`mcscale quickstart`: the whole method on the bundled long-tailed digits, in a few CPU minutes.
 
 BYOL pre-training, then from the same encoder: encoder + K-means, self-labelling, MiniClustering and P2OT.
-The quickstart owns its sub-folders: running it again into the same --out replaces their runs.
+The quickstart owns its sub-folders: running it again into the same --out replaces their runs, and
+``--resume`` continues a stopped one (each stage from its latest good checkpoint; a finished stage only
+re-evaluates).
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ def _summary(metrics: dict) -> dict:
     return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
 
-def run_quickstart(out_dir: str | Path, seed: int = 0, force_cpu: bool = False) -> dict:
+def run_quickstart(out_dir: str | Path, seed: int = 0, force_cpu: bool = False, resume: bool = False,
+                   overrides: list[str] | tuple = ()) -> dict:
+    """``overrides``: key=value settings for every stage (e.g. max_steps=20 for a smoke run)."""
     out = prepare_out_dir(out_dir)
-    base = [f"seed={seed}"]
+    base = [f"seed={seed}", *overrides]
     cfg = load_config(CONFIG, base)
     print(f"[1/{len(METHODS) + 1}] BYOL pre-training on digits-LT (ratio {cfg.data.imbalance_ratio:g}) -> {out / 'pretrain'}")
-    run_pretrain(cfg, out / "pretrain", force_cpu=force_cpu, overwrite=True)
+    run_pretrain(cfg, out / "pretrain", force_cpu=force_cpu, overwrite=not resume, resume=resume)
     results = {}
     for position, (name, overrides) in enumerate(METHODS, start=2):
         print(f"[{position}/{len(METHODS) + 1}] {name} from the same encoder -> {out / name}")
         run_cfg = load_config(CONFIG, base + overrides)
-        metrics = run_cluster(run_cfg, out / "pretrain", out / name, force_cpu=force_cpu, overwrite=True)
+        metrics = run_cluster(run_cfg, out / "pretrain", out / name, force_cpu=force_cpu, overwrite=not resume,
+                              resume=resume)
         results.setdefault("kmeans", _summary(metrics["kmeans"]))
         results[name] = _summary(metrics["final"])
     summary = {

@@ -1,4 +1,7 @@
-"""Small run-time helpers: devices, seeds, progress bars, atomic files, safe checkpoints, logs."""
+"""Small run-time helpers: devices, seeds, progress bars, atomic files, safe checkpoints, logs.
+
+torch is imported inside the functions that use it: the command line imports this module (through
+the shard tools) while it checks a run's configuration, before any heavy import."""
 
 from __future__ import annotations
 
@@ -9,21 +12,23 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
+from mcscale.errors import RunError, StopRequested  # noqa: F401  (re-exported)
+from mcscale.progress import progress  # noqa: F401  (re-exported)
 
-
-class RunError(Exception):
-    """A user-caused problem found at run time; its message is one line naming the file and the fix."""
+if TYPE_CHECKING:
+    import torch
 
 
 def pick_device(name: str, force_cpu: bool = False) -> torch.device:
+    import torch
+
     if force_cpu or name == "cpu":
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -32,22 +37,18 @@ def pick_device(name: str, force_cpu: bool = False) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     torch.manual_seed(seed)
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
     """A generator that depends only on (seed, step, stream): resuming needs no generator state."""
+    import torch
+
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
     return g
-
-
-def progress(iterable=None, **kwargs):
-    """A progress bar that stays quiet when output is not a terminal."""
-    kwargs.setdefault("disable", not sys.stderr.isatty())
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("leave", False)
-    return tqdm(iterable, **kwargs)
 
 
 # ---------------------------------------------------------------- files
@@ -91,6 +92,8 @@ def atomic_torch_save(path: Path, obj, checksum: bool = False) -> None:
     """torch.save, atomically; with ``checksum`` also a ``sha256sum -c`` sidecar (see write_checksum)."""
     if checksum:  # a kill between the two writes must not leave the old sidecar beside the new file
         checksum_path(path).unlink(missing_ok=True)
+    import torch
+
     with _atomic_target(path) as tmp:
         torch.save(obj, tmp)
     if checksum:
@@ -160,11 +163,15 @@ def safe_torch_load(path: Path, map_location="cpu"):
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
     verify_checksum(path)
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"{path}: refused to load: it is not a plain-tensor checkpoint ({first[:160]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it refers to the Python object {found.group(1)}" if found else "it holds Python objects"
+        raise RunError(f"{path}: refused to load: {what}, and a checkpoint must hold only tensors and plain "
+                       "values (loading it could run code); use a checkpoint written by mcscale") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise RunError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); delete it or resume from an older one") from None
 
@@ -218,10 +225,6 @@ def prepare_out_dir(path: str | Path) -> Path:
     return out
 
 
-class StopRequested(Exception):
-    """Raised at a step boundary after SIGTERM / SIGUSR1, once a checkpoint is written."""
-
-
 class StepGuard:
     """What a training loop checks between steps.
 
@@ -233,8 +236,9 @@ class StepGuard:
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
-    def __init__(self, max_nonfinite: int = 5):
+    def __init__(self, max_nonfinite: int = 5, saved_step: int | None = None):
         self.max_nonfinite = max_nonfinite
+        self.saved_step = saved_step  # step of the newest checkpoint on disk (None: none yet)
         self.consecutive = 0
         self.signal_name: str | None = None
         self._previous = {}
@@ -250,14 +254,18 @@ class StepGuard:
         return self.signal_name is not None
 
     def loss_is_finite(self, loss: torch.Tensor, step: int, indices) -> bool:
+        import torch
+
         if bool(torch.isfinite(loss.detach()).all()):
             self.consecutive = 0
             return True
         self.consecutive += 1
         if self.consecutive >= self.max_nonfinite:
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None
+                    else "no checkpoint was written yet")
             raise RunError(
                 f"step {step}: {self.consecutive} non-finite losses in a row (last batch indices"
-                f" {list(map(int, indices[:8]))}...); the last good checkpoint is kept; lower the learning rate"
+                f" {list(map(int, indices[:8]))}...); {kept}; lower the learning rate"
                 " or check the data for NaN/inf"
             )
         return False
@@ -273,6 +281,7 @@ class StepGuard:
             self.signal_name = "a signal to another rank"
         if step % every == 0 or step == total or stop:
             save()
+            self.saved_step = step
         if stop and step < total:
             raise StopRequested(
                 f"stopped by {self.signal_name} at step {step}; checkpoint written to {run_dir};"

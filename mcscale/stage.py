@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +109,14 @@ def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | N
         subset, counts = long_tail(source, d.imbalance_ratio, d.n_max)
     views = InMemoryViews(subset, augment_config(cfg.augment), device, d.image_size)
     return subset, counts, views
+
+
+def rows_per_step(key: str, batch_size: int, num_samples: int, par) -> int:
+    """Samples in each global batch: ``batch_size``, or the whole set when that is smaller (said once)."""
+    if batch_size > num_samples and par.is_main:
+        print(f"mcscale: {key} {batch_size} is larger than the {num_samples} samples; every step uses all "
+              f"{num_samples}")
+    return min(batch_size, num_samples)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -234,13 +245,55 @@ class Timer:
         return time.perf_counter() - self.start
 
 
+# ---------------------------------------------------------------- one writer per run folder
+LOCK_FILE = ".mcscale.lock"
+_HELD_LOCKS: dict[str, object] = {}  # resolved run folder -> the open lock file of this process
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive OS lock (flock) on ``out`` for the run's life, or refuse with one line naming
+    the holder. The OS drops it when the process ends, however it ends: a crash leaves no stale lock."""
+    import fcntl
+
+    key = str(Path(out).resolve())
+    handle = open(Path(out) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(f"--out {out}: in use by {holder}; wait for that run to end, or pick another --out") from None
+    command = " ".join(["mcscale"] + sys.argv[1:])[:160]
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"`{command}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+
+
+def unlock_run_folder(out: Path) -> None:
+    """Release this process's lock on ``out`` (a no-op where it holds none, e.g. on ranks other than 0)."""
+    handle = _HELD_LOCKS.pop(str(Path(out).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
 # ---------------------------------------------------------------- several ranks
 def open_run_folder(par, out_dir, resume: bool, overwrite: bool = False) -> Path:
-    """The run folder, checked (and emptied of an old run unless resuming) by rank 0 alone."""
+    """The run folder, locked for this run and checked (and emptied of an old run unless resuming) by
+    rank 0 alone; the lock comes first, so a second writer never touches the first one's files.
+    Pair with ``unlock_run_folder``."""
     def prepare():
         out = prepare_out_dir(out_dir)
-        if not resume:
-            start_fresh(out, overwrite)
+        lock_run_folder(out)
+        try:
+            if not resume:
+                start_fresh(out, overwrite)
+        except BaseException:
+            unlock_run_folder(out)
+            raise
         return str(out)
 
     return Path(par.on_main(prepare))

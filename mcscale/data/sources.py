@@ -526,6 +526,10 @@ def _load_embeddings(root: str | None, labels_file: str | None) -> Source:
         raise DataError(f"data.root: {features_path} must be a non-empty numeric N x D array, got "
                         f"{x.dtype} {x.shape}; save features as a 2-D float array")
     features = np.ascontiguousarray(x, dtype=np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad_rows):  # found here, not as non-finite losses steps later
+        raise DataError(f"data.root: {features_path} has {len(bad_rows)} row(s) with NaN or inf (first: row "
+                        f"{bad_rows[0]}) or values beyond float32; drop or impute them and save again")
     if labels_path is None:
         return Source("embeddings", np.full(len(features), -1, dtype=np.int64), None, features, 0, [])
     if not labels_path.is_file():

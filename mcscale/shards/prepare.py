@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mcscale.data.sources import DataError
-from mcscale.runtime import progress
+from mcscale.progress import progress
 from mcscale.shards import format as fmt
 from mcscale.shards.samples import Plan, encode_array, plan
 
