@@ -2,23 +2,34 @@
 
 import base64
 import io
+import itertools
 import json
 import math
 import shutil
 import sys
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
 from mcscale import plots
 from mcscale.cli import main
 from mcscale.compare import compare_runs
 from mcscale.evaluate import full_metrics
-from mcscale.reporting import PREDICTION_ARRAYS, load_predictions, summary_table, throughput_postfix, write_report
+from mcscale.reporting import (
+    PREDICTION_ARRAYS,
+    load_predictions,
+    load_run,
+    make_figures,
+    summary_table,
+    throughput_postfix,
+    write_report,
+)
 from mcscale.runtime import read_jsonl
 from mcscale.tb import ScalarWriter
 
@@ -45,20 +56,139 @@ def report(runs):
     return write_report(runs / "mini", force_cpu=True, projection="pca")
 
 
-def _check_png(path, min_colours=20):
+def _check_png(path, min_colours=20, fig=None):
     assert path.read_bytes()[:8] == PNG_SIGNATURE, path
     pixels = matplotlib.image.imread(path)
     height, width = pixels.shape[:2]
     assert 200 <= height <= 3000 and 300 <= width <= 3000, (path, pixels.shape)
+    if fig is not None:  # the PNG is that figure at its size and resolution
+        w_in, h_in = fig.get_size_inches()
+        assert (height, width) == (round(h_in * plots.DPI), round(w_in * plots.DPI)), (path, pixels.shape)
     assert pixels.std() > 0.01, path
     # pack each RGB(A) pixel into one integer: np.unique on rows is slow
     packed = (pixels.reshape(-1, pixels.shape[-1]) * 255).round().astype(np.int64) @ (256 ** np.arange(pixels.shape[-1]))
     assert len(np.unique(packed)) > min_colours, path
 
 
-def test_figures_are_valid_pngs_of_real_content(report):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures the plotting functions save, by file stem: their data can be read back."""
+    figures = {}
+    save = plots._save
+
+    def spy(fig, path):
+        figures[Path(path).stem] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return figures
+
+
+def _expected_confusion(labels, pred, class_counts):
+    """Plain reference of the confusion figure: rows = classes by size (ties by id), column j = the
+    cluster the Hungarian matching gives the class of row j (None: no cluster), unmatched clusters
+    last; counts and row-normalised fractions."""
+    classes = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+    clusters = sorted(set(pred.tolist()))
+    table = np.array([[np.sum((pred == k) & (labels == c)) for c in classes] for k in clusters])
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    cluster_of = {classes[c]: clusters[r] for r, c in zip(rows, cols)}
+    columns = [cluster_of.get(c) for c in classes] + sorted(set(clusters) - set(cluster_of.values()))
+    counts = np.array([[np.sum((labels == c) & (pred == k)) if k is not None else 0 for k in columns]
+                       for c in classes])
+    return counts, counts / np.maximum(counts.sum(1, keepdims=True), 1), columns
+
+
+def _lines(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def _tick_names(columns, matched):
+    return ["none" if k is None else f"c{k}" + ("" if k in matched else "*") for k in columns]
+
+
+def test_figures_are_valid_pngs_of_real_content(report, runs, drawn):
+    run = load_run(runs / "mini")
+    predictions = load_predictions(runs / "mini")
+    paths = make_figures(run, predictions, projection="pca")  # the report's figures, drawn again
+    assert sorted(paths) == sorted(FIGURES)
     for name in FIGURES:
-        _check_png(report.parent / f"{name}.png")
+        _check_png(report.parent / f"{name}.png", fig=drawn[name])
+    counts = run["run"]["class_counts"]
+    order = sorted(range(10), key=lambda c: (-counts[c], c))
+    final, kmeans = run["metrics"]["final"], run["metrics"]["kmeans"]
+    records = run["records"]
+    train = [r for r in records if "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+
+    # confusion: the row-normalised matrix of the final predictions, its diagonal the matched (ACC) samples
+    labels, pred = predictions["labels"], predictions["pred_target"]
+    expected_counts, expected_frac, columns = _expected_confusion(labels, pred, counts)
+    ax = drawn["confusion"].axes[0]
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected_frac, rtol=0, atol=1e-12)
+    assert np.trace(expected_counts) / labels.size == pytest.approx(final["acc"], abs=1e-12)
+    assert sum(int(t.get_text()) for t in ax.texts) == labels.size
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in order]
+    assert [t.get_text() for t in ax.get_xticklabels()] == _tick_names(columns, set(columns[:10]))
+
+    # per-class accuracy: K-means bars then final bars, head to tail; class sizes on the twin axis
+    ax, twin = drawn["per_class"].axes[:2]
+    heights = [bar.get_height() for bar in ax.patches]
+    np.testing.assert_allclose(heights[:10], [100 * kmeans["per_class"][c] for c in order], atol=1e-9)
+    np.testing.assert_allclose(heights[10:], [100 * final["per_class"][c] for c in order], atol=1e-9)
+    np.testing.assert_array_equal(twin.get_lines()[0].get_ydata(), [counts[c] for c in order])
+
+    # training curves: each loss of log.jsonl per step, and the confident fractions of the batch
+    losses, confident = drawn["training"].axes[:2]
+    lines = _lines(losses)
+    for key in ("loss", "l_r", "l_m", "l_s"):
+        np.testing.assert_array_equal(lines[key].get_xdata(), [r["step"] for r in train])
+        np.testing.assert_allclose(lines[key].get_ydata(), [r[key] for r in train], rtol=1e-12)
+    np.testing.assert_allclose(_lines(confident)["target head"].get_ydata(),
+                               [r["n_confident_t"] / 128 for r in train], rtol=1e-12)
+
+    # evaluations: ACC and tail accuracy (percent) at steps 0, 2, 4
+    lines = _lines(drawn["evals"].axes[0])
+    np.testing.assert_array_equal(lines["ACC"].get_xdata(), [0, 2, 4])
+    np.testing.assert_allclose(lines["ACC"].get_ydata(), [100 * e["eval"]["acc"] for e in evals], rtol=1e-12)
+    np.testing.assert_allclose(lines["tail"].get_ydata(), [100 * e["eval"]["tail"] for e in evals], rtol=1e-12)
+
+    # weights: per evaluation, the matched clusters at (class size, M / w_k); Spearman per evaluation
+    left, right = drawn["weights"].axes[:2]
+    num_aux = run["config"]["cluster"]["num_aux"]
+    assert len(left.collections) == len(evals) + 1  # one scatter per evaluation, the last one circled again
+    for collection, e in zip(left.collections, evals + evals[-1:]):
+        weights, sizes = np.asarray(e["eval"]["weights"]), np.asarray(e["eval"]["matched_class_sizes"])
+        keep = (sizes > 0) & (weights > 0)
+        np.testing.assert_allclose(collection.get_offsets(), np.c_[sizes[keep], num_aux / weights[keep]], rtol=1e-12)
+    np.testing.assert_allclose(right.get_lines()[0].get_ydata(), [e["eval"]["weight_spearman"] for e in evals])
+
+    # embedding: the PCA of the L2-normalised features (up to the sign of each axis), coloured by class
+    x = predictions["features"].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x -= x.mean(0)
+    pca = x @ np.linalg.eigh(x.T @ x)[1][:, ::-1][:, :2]  # the top two eigenvectors of the scatter matrix
+    truth, clusters = drawn["embedding"].axes[:2]
+    points = truth.collections[0].get_offsets()
+    np.testing.assert_allclose(np.abs(points), np.abs(pca), atol=1e-6)
+    colours = truth.collections[0].get_facecolors()
+    assert len({tuple(colours[i]) for i in range(labels.size)}) == 10
+    for c in range(10):  # one colour per class
+        assert len({tuple(row) for row in colours[labels == c]}) == 1
+    np.testing.assert_allclose(clusters.collections[0].get_offsets(), points)
+
+
+def test_figure_pixels_follow_the_data(tmp_path):
+    """The same records draw the same pixels; one changed loss value draws different ones."""
+    records = [{"step": s, "loss": 5.0 / s, "l_r": 1.0, "n_confident_t": 10 * s} for s in range(1, 8)]
+    changed = [dict(r, loss=r["loss"] * (3.0 if r["step"] == 4 else 1.0)) for r in records]
+    images = [matplotlib.image.imread(plots.training_curves(r, 100, tmp_path / f"t{i}.png"))
+              for i, r in enumerate((records, records, changed))]
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+    # only the loss panel (the left half) changes
+    diff = np.argwhere(np.any(images[0] != images[2], axis=-1))
+    assert diff[:, 1].max() < images[0].shape[1] / 2
 
 
 class _Refs(HTMLParser):
@@ -111,11 +241,16 @@ def test_predictions_round_trip_and_report_without_model(report, runs, tmp_path,
     assert sorted(p.stem for p in (copy / "report").glob("*.png")) == sorted(FIGURES)
 
 
-def test_report_of_selflabel_run_skips_the_weight_figure(runs):
+def test_report_of_selflabel_run_skips_the_weight_figure(runs, drawn):
     path = write_report(runs / "self", force_cpu=True, projection="pca")
-    assert not (path.parent / "weights.png").exists()
+    assert not (path.parent / "weights.png").exists() and "weights" not in drawn
     assert "Not drawn: no weight estimates" in path.read_text()
-    _check_png(path.parent / "confusion.png")
+    _check_png(path.parent / "confusion.png", fig=drawn["confusion"])
+    # the confusion figure is that of the self-labelling run's own predictions
+    predictions = load_predictions(runs / "self")
+    counts = load_run(runs / "self")["run"]["class_counts"]
+    _, expected, _ = _expected_confusion(predictions["labels"], predictions["pred_target"], counts)
+    np.testing.assert_allclose(np.asarray(drawn["confusion"].axes[0].images[0].get_array()), expected, atol=1e-12)
 
 
 def _table_rows(text):
@@ -234,19 +369,47 @@ def test_tensorboard_missing_or_disabled_is_a_no_op(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "off").exists() and not (tmp_path / "missing").exists()
 
 
-def test_plots_on_edge_cases(tmp_path):
+def test_plots_on_edge_cases(tmp_path, drawn):
     """More clusters than classes, fewer clusters, many classes, a skipped batch; nothing to draw gives None."""
     rng = np.random.default_rng(0)
     counts = [50, 30, 20, 10, 5]
     labels = np.repeat(np.arange(5), counts)
     for k in (8, 3):
         pred = np.where(rng.random(labels.size) < 0.7, labels % k, rng.integers(0, k, labels.size))
-        _check_png(plots.confusion_matrix(labels, pred, counts, tmp_path / f"confusion{k}.png"))
+        _check_png(plots.confusion_matrix(labels, pred, counts, tmp_path / f"confusion{k}.png"), fig=drawn[f"confusion{k}"])
+        expected_counts, expected, columns = _expected_confusion(labels, pred, counts)
+        ax = drawn[f"confusion{k}"].axes[0]
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected, atol=1e-12)
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        assert names == _tick_names(columns, set(columns[:5]))
+        if k == 8:  # 5 matched clusters on the diagonal, 3 unmatched ones last
+            assert expected.shape == (5, 8) and sum(n.endswith("*") for n in names) == 3
+        else:  # 3 clusters for 5 classes: two rows have no cluster, their column is empty
+            assert expected.shape == (5, 5) and names.count("none") == 2
+            assert all(expected[:, j].sum() == 0 for j, n in enumerate(names) if n == "none")
+        # the diagonal is the agreement of the best one-to-one matching, found here by brute force
+        table = np.array([[np.sum((pred == c) & (labels == t)) for t in range(5)] for c in range(k)])
+        if k >= 5:
+            best = max(sum(table[c, t] for t, c in enumerate(p)) for p in itertools.permutations(range(k), 5))
+        else:
+            best = max(sum(table[c, t] for c, t in enumerate(p)) for p in itertools.permutations(range(5), k))
+        assert np.trace(expected_counts) == best
     many = rng.integers(5, 500, 120)
-    _check_png(plots.per_class_accuracy(rng.random(120), rng.random(120), many, tmp_path / "many.png"))
+    accuracy = rng.random(120)
+    _check_png(plots.per_class_accuracy(accuracy, rng.random(120), many, tmp_path / "many.png"), fig=drawn["many"])
+    ax = drawn["many"].axes[0]
+    assert not ax.patches  # steps, not bars, for 120 classes
+    order = sorted(range(120), key=lambda c: (-many[c], c))
+    np.testing.assert_allclose(_lines(ax)["K-means"].get_ydata(), 100 * accuracy[order])
     records = [{"step": s, "loss": None if s == 3 else 5.0 / s, "l_r": 1.0, "n_confident_t": 10 * s,
                 "skipped": s == 3} for s in range(1, 8)]
-    _check_png(plots.training_curves(records, 100, tmp_path / "train.png"))
+    _check_png(plots.training_curves(records, 100, tmp_path / "train.png"), fig=drawn["train"])
+    losses, confident = drawn["train"].axes[:2]
+    loss = _lines(losses)["loss"].get_ydata()
+    assert np.isnan(loss[2]) and np.allclose(np.delete(loss, 2), [5.0 / s for s in (1, 2, 4, 5, 6, 7)])
+    np.testing.assert_allclose(_lines(confident)["target head"].get_ydata(), [s / 10 for s in range(1, 8)])
+    for ax in (losses, confident):  # the skipped batch is a red line at step 3 on both panels
+        assert list(_lines(ax)["skipped (1)"].get_xdata()) == [3, 3]
     assert plots.weight_tracking([{"step": 0, "eval": {"acc": 0.5}}], 40, tmp_path / "w.png") is None
     assert plots.eval_curves([{"step": 0, "eval": {"acc": 0.5}}], tmp_path / "e.png") is None
     assert plots.training_curves([{"step": 0, "eval": {}}], 100, tmp_path / "t.png") is None
