@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -249,7 +250,7 @@ def test_decode_ascii():
 @pytest.fixture
 def damaged(prepared, tmp_path):
     out = tmp_path / "damaged"
-    shutil.copytree(prepared[0], out)
+    shutil.copytree(prepared[0], out, ignore=shutil.ignore_patterns(".sha256-cache.json"))  # the loaders' cache
     return out
 
 
@@ -277,15 +278,177 @@ def test_missing_index_is_one_line_for_dali(damaged):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_corrupt_shard_content_is_one_line(kind, damaged):
+def test_corrupt_shard_content_is_one_line(kind, damaged, monkeypatch):
+    """Damage the checksum cannot see (a shard changed after the loader was built): reading reports it."""
+    from mcscale.shards import base
+
     path = damaged / "shard-000002.tar"
     data = bytearray(path.read_bytes())
-    data[100_000:140_000] = bytes(40_000)  # same size: only reading finds it
+    data[100_000:140_000] = bytes(40_000)  # same size: only reading (or the checksum) finds it
     path.write_bytes(bytes(data))
+    monkeypatch.setattr(base, "verify_checksums", lambda *args, **kwargs: 0)
     loader = make_loader(kind, damaged, 100)
     with pytest.raises(DataError) as err:
         list(loader.clean_batches())
     assert "shard-000002.tar" in one_line(err)
+
+
+def _flip_middle(path):
+    """Same size, other bytes (a flipped bit in a copy): the size check cannot see it."""
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    data[size // 2:size // 2 + 64] = bytes(b ^ 0xFF for b in data[size // 2:size // 2 + 64])
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_same_size_corrupt_shard_is_refused_when_the_loader_is_built(kind, damaged):
+    _flip_middle(damaged / "shard-000002.tar")
+    with pytest.raises(DataError) as err:
+        make_loader(kind, damaged, 32)
+    msg = one_line(err)
+    assert "shard-000002.tar: checksum mismatch" in msg and "corrupt shard" in msg
+    assert "mcscale prepare --source digits" in msg and f"--out {damaged}" in msg
+    # the named fix works: prepare rewrites the bad shard, the loader then accepts the folder
+    prep.prepare("digits", None, 10, None, 100, damaged, show_progress=False)
+    assert make_loader(kind, damaged, 32).num_samples == 707
+
+
+def test_cli_refuses_a_corrupt_shard_in_one_line(damaged, tmp_path, capsys):
+    from mcscale.cli import main
+
+    _flip_middle(damaged / "shard-000005.tar")
+    code = main(["pretrain", "--config", "digits_lt", "--cpu", "--batch-size", "128", "--max-steps", "1",
+                 "--out", str(tmp_path / "run"), "model.proj_hidden=32", "model.proj_dim=16",
+                 "logging.report=false", "data.loader=webdataset", f"data.shards={damaged}", "data.num_workers=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("mcscale: error: ") and "shard-000005.tar: checksum mismatch" in err[0]
+    assert "mcscale prepare --source digits" in err[0]
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The files mcscale.runtime.sha256_of hashes (it still hashes them); the per-process memory of
+    verified files starts empty."""
+    from mcscale import runtime
+    from mcscale.shards import verify
+
+    calls, real = [], runtime.sha256_of
+
+    def counting(path):
+        calls.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(runtime, "sha256_of", counting)
+    monkeypatch.setattr(verify, "_verified", set())
+    return calls
+
+
+def _age(folder, seconds_ago=10**6):
+    """Shard mtimes well in the past: fresh files are hashed but not cached (verify.RACY_NS)."""
+    old = 10**18 - seconds_ago * 10**9
+    for p in folder.glob("shard-*"):
+        os.utime(p, ns=(old, old))
+
+
+def test_checksum_cache_skips_hashing_until_a_shard_changes(damaged, hashed, monkeypatch):
+    from mcscale.shards import verify
+
+    shards = [f"shard-{i:06d}.tar" for i in range(8)]
+    _age(damaged)
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    assert sorted(hashed) == shards
+    cache = json.loads((damaged / verify.CACHE).read_text())
+    assert sorted(os.path.basename(k) for k in cache["files"]) == shards
+    entry = cache["files"][str((damaged / "shard-000003.tar").resolve())]
+    stat = (damaged / "shard-000003.tar").stat()
+    assert entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
+
+    hashed.clear()
+    monkeypatch.setattr(verify, "_verified", set())  # a new process: the file on disk answers
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    assert hashed == []
+    (damaged / verify.CACHE).unlink()  # the same process: its memory answers (and rewrites the file)
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    assert hashed == [] and json.loads((damaged / verify.CACHE).read_text()) == cache
+
+    monkeypatch.setattr(verify, "_verified", set())
+    os.utime(damaged / "shard-000003.tar", ns=(10**18, 10**18))  # touched: a new mtime, same bytes
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    assert hashed == ["shard-000003.tar"]
+
+    hashed.clear()
+    _flip_middle(damaged / "shard-000006.tar")  # new bytes (and mtime), same size
+    for attempt in range(2):  # a mismatch is never cached
+        with pytest.raises(DataError) as err:
+            WebDatasetLoader(damaged, 32, num_workers=0)
+        assert "shard-000006.tar: checksum mismatch" in one_line(err)
+    assert hashed == ["shard-000006.tar"] * 2
+    files = json.loads((damaged / verify.CACHE).read_text())["files"]
+    assert str((damaged / "shard-000006.tar").resolve()) not in files and len(files) == 7
+
+
+def test_freshly_written_shards_are_hashed_but_not_cached(damaged, hashed):
+    from mcscale.shards import verify
+
+    now = time.time_ns()
+    for p in damaged.glob("shard-*"):
+        os.utime(p, ns=(now, now))  # within RACY_NS: a write in the same timestamp tick could hide
+    for _ in range(2):
+        WebDatasetLoader(damaged, 32, num_workers=0)
+    assert len(hashed) == 16 and not (damaged / verify.CACHE).exists()
+
+
+def test_checksum_cache_of_a_read_only_folder(damaged, hashed, monkeypatch, tmp_path):
+    from mcscale import runtime
+    from mcscale.shards import verify
+
+    real = runtime.atomic_write_json
+    refused = []
+
+    def read_only(path, obj):
+        if path.parent == damaged or "everywhere" in refused:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(runtime, "atomic_write_json", read_only)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _age(damaged)
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    fallback = verify.cache_locations(damaged)[1]
+    assert refused == [damaged / verify.CACHE] and not (damaged / verify.CACHE).exists()
+    assert fallback.is_relative_to(tmp_path / "xdg" / "mcscale") and len(hashed) == 8
+    assert len(json.loads(fallback.read_text())["files"]) == 8
+    hashed.clear()
+    monkeypatch.setattr(verify, "_verified", set())
+    WebDatasetLoader(damaged, 32, num_workers=0)
+    assert hashed == []
+
+    refused.append("everywhere")  # no writable cache at all: checked every time, never an error
+    monkeypatch.setattr(verify, "_verified", set())
+    fallback.unlink()
+    for _ in range(2):
+        WebDatasetLoader(damaged, 32, num_workers=0)
+    assert len(hashed) == 8 and not fallback.exists()  # the second build: this process's memory
+
+
+def test_stale_dali_index_is_refused(damaged):
+    from mcscale.shards.verify import verify_checksums
+
+    index = damaged / "shard-000004.idx"
+    lines = index.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]  # right header and size, wrong offsets for two samples
+    index.write_text("\n".join(lines) + "\n")
+    manifest = fmt.load_manifest(damaged, need_index=True)
+    assert verify_checksums(manifest) == 8  # the WebDataset loader reads no index
+    with pytest.raises(DataError) as err:
+        verify_checksums(manifest, need_index=True)
+    msg = one_line(err)
+    assert "shard-000004.idx: checksum mismatch" in msg and "DALI index of shard-000004.tar" in msg
+    assert "mcscale prepare --source digits" in msg
 
 
 # ----------------------------------------------------------------------------- augmentation distributions

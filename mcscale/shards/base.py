@@ -6,12 +6,18 @@ from mcscale.augment import AugmentConfig
 from mcscale.data.sources import DataError
 from mcscale.shards import batch as B
 from mcscale.shards.format import load_manifest
+from mcscale.shards.verify import verify_checksums
 
 
 class ShardLoader:
     """The common part of both loaders: the rank split, the manifest, the view size, the normalisation
     and the number of steps per epoch. Subclasses add how the shards are read (``epoch``,
-    ``clean_batches``)."""
+    ``clean_batches``).
+
+    Building one checks the folder: every shard present with its manifest size (load_manifest), then,
+    after the cheaper checks, every shard's SHA-256 (and with ``need_index`` every DALI index's), with
+    the per-process and on-disk cache of mcscale.shards.verify: a bad file is a one-line DataError
+    naming it and the `mcscale prepare` command that rewrites it. Each rank checks every shard."""
 
     def __init__(self, manifest_dir, batch_size: int, *, augment: AugmentConfig | None, image_size: int | None,
                  mean, std, rank: int, world_size: int, seed: int, with_clean: bool, shuffle_buffer: int,
@@ -30,6 +36,7 @@ class ShardLoader:
         self.std = list(self.manifest.std if std is None else std)
         self.seed, self.with_clean, self.shuffle_buffer = seed, with_clean, shuffle_buffer
         self.steps_per_epoch = B.steps_per_epoch(self.num_samples, world_size, batch_size)
+        verify_checksums(self.manifest, need_index, show_progress=rank == 0)  # same-size corruption: DataError
 
     @property
     def num_samples(self) -> int:

@@ -17,6 +17,10 @@ about the grey axis in a linear colour space, instead of torchvision's HSV hue s
 
 The ``.cls`` / ``.idx`` fields arrive as raw ASCII bytes: they are zero-padded in the graph
 (fn.pad) and decoded to integers on the host.
+
+Checks: building the loader checks every shard's and every index file's size and SHA-256 against the
+manifest (mcscale.shards.base, mcscale.shards.verify), so a same-size corrupt shard or a stale index
+(whose offsets would silently read the wrong bytes) is refused before DALI opens them.
 """
 
 from __future__ import annotations

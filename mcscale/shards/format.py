@@ -7,6 +7,11 @@ A prepared folder holds:
 - ``shard-NNNNNN.idx``: the DALI index of each tar (wds2idx format ``v1.2``, see ``index_text``).
 - ``labels.npy``: the subset's int64 labels in index order (evaluation needs them without a full read).
 - ``manifest.json``: counts, checksums and how the folder was made (written last, atomically).
+- ``.sha256-cache.json``: written by the loaders, not by prepare: which shards already matched their
+  manifest SHA-256 (mcscale.shards.verify).
+
+A loader checks each shard's size (``load_manifest``) and SHA-256 (mcscale.shards.verify) when it is
+built, so a missing, truncated or same-size corrupt shard is refused before any batch is read.
 
 Samples are written in a fixed pseudo-random order (``write_order`` in the manifest), so any
 contiguous range of the concatenated shards is a class-mixed random subset: ranks and workers split
@@ -132,6 +137,7 @@ class ShardInfo:
     start: int  # position of the shard's first sample in the concatenated, ordered list
     bytes: int
     sha256: str
+    index_sha256: str | None = None
 
 
 @dataclass
@@ -184,7 +190,8 @@ class Manifest:
 def load_manifest(folder, check_files: bool = True, need_index: bool = False) -> Manifest:
     """Read ``folder/manifest.json``; with ``check_files``, also check every shard is present with its
     recorded size (a cheap stat that catches missing and truncated shards before any worker starts),
-    and with ``need_index`` that every DALI index file is present and names the right sample count."""
+    and with ``need_index`` that every DALI index file is present and names the right sample count.
+    The SHA-256 check (same-size corruption) is mcscale.shards.verify's, which the loaders run next."""
     root = Path(folder).expanduser()
     path = root / MANIFEST if root.is_dir() or not root.name.endswith(".json") else root
     root = path.parent
@@ -201,7 +208,7 @@ def load_manifest(folder, check_files: bool = True, need_index: bool = False) ->
     shards, start = [], 0
     for entry in data["shards"]:
         shards.append(ShardInfo(root / entry["path"], root / entry["index"], int(entry["num_samples"]), start,
-                                int(entry["bytes"]), entry["sha256"]))
+                                int(entry["bytes"]), entry["sha256"], entry.get("index_sha256")))
         start += int(entry["num_samples"])
     manifest = Manifest(root, data, shards)
     if start != manifest.num_samples:

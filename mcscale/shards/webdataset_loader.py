@@ -10,8 +10,10 @@ epoch, sample index, view); the shard order and shuffle buffer are seeded from (
 range, worker). A given (seed, epoch, rank, world_size, num_workers) thus always gives the same
 batches, which is what lets a resumed run replay an epoch exactly.
 
-Errors in a worker (a missing or corrupt shard, an undecodable image) come back as data and are raised
-in the main process as one-line DataErrors naming the shard and the fix.
+Checks: building the loader checks every shard's size and SHA-256 against the manifest, in the main
+process, once per process (mcscale.shards.base, mcscale.shards.verify). Errors in a worker (a shard
+changed or removed after that, an undecodable image) come back as data and are raised in the main
+process as one-line DataErrors naming the shard and the fix.
 """
 
 from __future__ import annotations
