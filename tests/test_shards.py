@@ -106,6 +106,7 @@ def test_rerun_rewrites_only_missing_or_bad_shards(prepared, tmp_path):
     before = _mtimes(out)
     (out / "shard-000003.tar").unlink()
     (out / ".shard-000004.tar.k1ll3d.tmp").write_bytes(b"half a shard")  # a killed run's temp file
+    (out / "..sha256-cache.json.k1ll3d.tmp").write_bytes(b"{")  # a loader killed while writing its cache
     bad = bytearray((out / "shard-000005.tar").read_bytes())
     bad[5000] ^= 0xFF  # same size, different bytes
     (out / "shard-000005.tar").write_bytes(bytes(bad))

@@ -20,12 +20,14 @@ from mcscale.data.sources import DataError
 from mcscale.progress import progress
 from mcscale.shards import format as fmt
 from mcscale.shards.samples import Plan, encode_array, plan
+from mcscale.shards.verify import CACHE as CHECKSUM_CACHE
 
 PROGRESS = ".prepare-progress.json"
 DEFAULT_SHARD_SIZE = 1000
 ORDER_SEED = 0
 # Our temporary files (format.atomic_write names them ".<final name>.<random>.tmp").
-_TEMP_PREFIXES = (".shard-", f".{fmt.MANIFEST}.", f".{fmt.LABELS}.", f".{PROGRESS}.")
+# The loaders' checksum cache (mcscale.shards.verify) is written the same way.
+_TEMP_PREFIXES = (".shard-", f".{fmt.MANIFEST}.", f".{fmt.LABELS}.", f".{PROGRESS}.", f".{CHECKSUM_CACHE}.")
 
 
 def prepare(source: str, root: str | None, imbalance_ratio: float | None, n_max: int | None, shard_size: int,
