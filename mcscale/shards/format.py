@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcscale.data.sources import DataError
-from mcscale.runtime import atomic_write_bytes
+from mcscale.runtime import atomic_write_bytes, sha256_of
 
 FORMAT = "mcscale-shards/1"
 MANIFEST = "manifest.json"
@@ -53,16 +53,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # written under a temporary name and renamed (see mcscale.runtime)
 atomic_write = atomic_write_bytes
+# one file hasher for the project (prepare, the DALI error path, the loaders' check)
+sha256_file = sha256_of
 
 
 # ---------------------------------------------------------------- tar writing / reading
