@@ -73,11 +73,15 @@ def test_pretrain_writes_encoder_and_log(pretrain_run):
 
     # encoder.pt is the target backbone + projector of the trained network (the last checkpoint)
     trained = build_byol(saved["architecture"])
-    trained.load_state_dict(torch.load(encoder_dir / "ckpt-0000003.pt", weights_only=True)["model"])
+    model = torch.load(encoder_dir / "ckpt-0000003.pt", weights_only=True)["model"]
+    trained.load_state_dict(model)
     expected = trained.encoder().state_dict()
     assert saved["encoder"].keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(saved["encoder"][key], value), key
+    for key, value in saved["encoder"].items():  # Sequential(backbone, projector): "0.*" and "1.*"
+        part, rest = key.split(".", 1)
+        source = {"0": "target_backbone", "1": "target_projector"}[part]
+        assert torch.equal(value, model[f"{source}.{rest}"]), key
+        assert torch.equal(value, expected[key]), key
     # ... which the three steps moved away from the initial target network (the EMA moves every weight)
     byol.load_state_dict(initial)
     start = byol.encoder().state_dict()

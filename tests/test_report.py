@@ -395,12 +395,14 @@ def test_plots_on_edge_cases(tmp_path, drawn):
             best = max(sum(table[c, t] for c, t in enumerate(p)) for p in itertools.permutations(range(5), k))
         assert np.trace(expected_counts) == best
     many = rng.integers(5, 500, 120)
-    accuracy = rng.random(120)
-    _check_png(plots.per_class_accuracy(accuracy, rng.random(120), many, tmp_path / "many.png"), fig=drawn["many"])
-    ax = drawn["many"].axes[0]
+    accuracy, final = rng.random(120), rng.random(120)
+    _check_png(plots.per_class_accuracy(accuracy, final, many, tmp_path / "many.png"), fig=drawn["many"])
+    ax, twin = drawn["many"].axes[:2]
     assert not ax.patches  # steps, not bars, for 120 classes
-    order = sorted(range(120), key=lambda c: (-many[c], c))
+    order = sorted(range(120), key=lambda c: (-many[c], c))  # head to tail (the sizes are shuffled here)
     np.testing.assert_allclose(_lines(ax)["K-means"].get_ydata(), 100 * accuracy[order])
+    np.testing.assert_allclose(_lines(ax)["final"].get_ydata(), 100 * final[order])
+    np.testing.assert_array_equal(twin.get_lines()[0].get_ydata(), many[order])
     records = [{"step": s, "loss": None if s == 3 else 5.0 / s, "l_r": 1.0, "n_confident_t": 10 * s,
                 "skipped": s == 3} for s in range(1, 8)]
     _check_png(plots.training_curves(records, 100, tmp_path / "train.png"), fig=drawn["train"])
