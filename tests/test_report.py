@@ -376,7 +376,8 @@ def test_plots_on_edge_cases(tmp_path, drawn):
     labels = np.repeat(np.arange(5), counts)
     for k in (8, 3):
         pred = np.where(rng.random(labels.size) < 0.7, labels % k, rng.integers(0, k, labels.size))
-        _check_png(plots.confusion_matrix(labels, pred, counts, tmp_path / f"confusion{k}.png"), fig=drawn[f"confusion{k}"])
+        path = plots.confusion_matrix(labels, pred, counts, tmp_path / f"confusion{k}.png")
+        _check_png(path, fig=drawn[f"confusion{k}"])
         expected_counts, expected, columns = _expected_confusion(labels, pred, counts)
         ax = drawn[f"confusion{k}"].axes[0]
         np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected, atol=1e-12)
