@@ -112,3 +112,17 @@ def test_deterministic_for_a_seed():
     _, assign = spherical_kmeans(x, k, seed=1, backend="torch", nredo=10)
     assert _partition_objective(x, assign.numpy()) == pytest.approx(optimum, rel=1e-6)
     assert cluster_metrics(np.asarray(best)[groups], assign.numpy())["acc"] == 1.0
+
+
+def test_auto_backend_uses_faiss_on_cpu_and_torch_for_cuda_features_without_a_gpu_faiss(monkeypatch):
+    import mcscale.kmeans as km
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert km._use_faiss("torch", cpu) is False and km._use_faiss("faiss", cuda) is True
+    if not faiss_available():
+        assert km._use_faiss("auto", cpu) is False
+        return
+    monkeypatch.setattr(km, "faiss_gpus", lambda: 0)  # faiss-cpu, the locked build
+    assert km._use_faiss("auto", cpu) is True and km._use_faiss("auto", cuda) is False
+    monkeypatch.setattr(km, "faiss_gpus", lambda: 2)  # a GPU build the user installed
+    assert km._use_faiss("auto", cuda) is True
