@@ -316,10 +316,18 @@ def _assert_runs_equal(one: Path, two: Path, keys=("loss", "l_r", "l_m", "l_s"))
                 assert rb[key] == pytest.approx(ra[key], **tolerance), (ra["step"], key)
         if "weights" in ra:
             assert rb["weights"] == pytest.approx(ra["weights"], rel=1e-5)
+    from mcscale.stage import read_run_config
+
     pa, pb = _final_params(one), _final_params(two)
     assert pa.keys() == pb.keys()
+    # Adam moves each weight by about lr per step; where the gradient is a sum that cancels (a BatchNorm
+    # bias in front of another BatchNorm), its round-off changes that move by a small fraction of lr, and a
+    # weight that is itself a cancelling sum of such moves is then off by much more than 1e-5 of itself
+    # (encoder.0.1.bias: 2e-4 after 4 steps, 1.4e-3 lr per element): allowed up to 1 % of lr per element
+    lr = read_run_config(one)[0].cluster.lr
     for name in _compared(pa):
-        assert _relative_error(pb[name], pa[name]) <= 1e-5, name
+        error = _relative_error(pb[name], pa[name])
+        assert error <= 1e-5 or float((pb[name] - pa[name]).abs().max()) <= 1e-2 * lr, (name, error)
     ma = json.loads((one / "metrics.json").read_text())
     mb = json.loads((two / "metrics.json").read_text())
     for part in ("kmeans", "final"):
