@@ -39,7 +39,7 @@ LUMA = (0.299, 0.587, 0.114)  # as mcscale.augment / torchvision
 READER = "reader"
 _SHARD_PATH = re.compile(r"[^\s\"']*shard-\d{6}\.(?:tar|idx)")
 _OPERATOR = re.compile(r"Error in \w+ operator `([^`]+)`")
-_DATA_OPS = ("nvidia.dali.fn.readers", "nvidia.dali.fn.decoders")
+_DATA_OPS = ("nvidia.dali.fn.readers", "nvidia.dali.fn.decoders", "nvidia.dali.fn.peek_image_shape")
 
 
 def dali_available() -> bool:
@@ -150,7 +150,7 @@ class DaliLoader(ShardLoader):
             shard_id=shard_id, num_shards=self.world_size, pad_last_batch=True,
             random_shuffle=train, initial_fill=max(1, min(self.shuffle_buffer, self.num_samples)),
             stick_to_shard=not train)
-        images = fn.decoders.image(encoded, device="mixed" if self.gpu else "cpu",
+        images = fn.decoders.image(self._parsed_first(encoded), device="mixed" if self.gpu else "cpu",
                                    output_type=types.GRAY if self.channels == 1 else types.RGB)
         outputs = []
         if train:
@@ -158,6 +158,29 @@ class DaliLoader(ShardLoader):
         if self.with_clean or not train:
             outputs.append(self._clean_view(images))
         return (*outputs, fn.pad(cls, fill_value=0), fn.pad(idx, fill_value=0))
+
+    def _parsed_first(self, encoded):
+        """``encoded`` unchanged, but only after fn.peek_image_shape has parsed every image header.
+
+        DALI 2.4's CPU image decoder parses the headers of a batch in blocks: the pipeline's thread
+        pool takes all blocks but one, the calling thread parses that one, and only then waits for
+        the pool. When a header in the calling thread's block is unreadable (a shard damaged after
+        the loader was built), the exception leaves the decoder's RunImplImpl without that wait, and
+        a pool thread then runs a parse task whose closure lived in the unwound stack frame: a
+        segfault in ``ImageDecoder<CPUBackend>::RunImplImpl::{lambda(int, int, int)}`` on a pool
+        thread, or a corrupted stack that crashes the process later in unrelated code (9 runs in 30
+        of tests/test_shards.py::test_corrupt_shard_content_is_one_line[dali]).
+        fn.peek_image_shape parses the same headers with the same nvImageCodec call, all of them in
+        pool tasks that it waits for before it rethrows, so an unreadable header raises a clean
+        error there and the decoder never runs on that batch. The ``+ 0`` (a per-sample scalar from
+        the parsed shape) makes the decoder's input depend on the parse, so DALI keeps the parse in
+        the graph and runs it first.
+        """
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        shape = fn.peek_image_shape(encoded, dtype=types.INT64)
+        return encoded + fn.cast(shape[0] * 0, dtype=types.UINT8)
 
     def _strong(self, images):
         import nvidia.dali.fn as fn
