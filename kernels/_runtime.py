@@ -1,149 +1,82 @@
-"""Shared plumbing for the Triton kernels: mode detection, lazy JIT, device checks, launch sizes.
+"""Host-side plumbing shared by the Triton kernels: launching, device checks, dtypes, launch sizes.
 
-Whether Triton interprets (TRITON_INTERPRET=1) is effectively fixed when ``triton`` is first
-imported: the library's own helpers (``tl.sum``, ``tl.max``, ``tl.argmax``, ...) are decorated then,
-as compiled or as interpreted functions, and a kernel only works in the same mode as those. Note that
-``import torchvision`` already imports triton. So the mode is read from the library itself, and our
-kernels are decorated lazily, in that mode, at their first launch. Device functions shared by several
-kernels (``@helper``) are bound the same way: their module-level name holds a placeholder until the
-first launch puts the mode's wrapper there (kernels look globals up when they are compiled or run).
+The kernels are plain ``@triton.jit`` functions, decorated when their module is imported. Triton's
+own ``TRITON_INTERPRET`` knob decides then whether they are compiled or interpreted, as it decided for
+the library's helpers (``tl.sum``, ``tl.max``, ...) when ``triton`` was first imported; both must agree,
+so set TRITON_INTERPRET before triton is first imported (``import torchvision`` already imports it).
+Importing this package needs triton, not CUDA.
 
-Every launch is counted (``launch_count()``), so tests can check how many launches a step makes.
+Every launch goes through ``launch(kernel, grid, ...)``: it counts launches (``launch_count()``, so
+tests and benchmarks can check how many a step makes) and is the one place where a tool may intercept
+them (``intercept_launches``; tools/compile_check.py records launches that way instead of running them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
+from typing import Callable
 
 import torch
-
-try:  # triton ships with the CUDA torch wheels; a CPU-only torch has none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-
-    class _NoTritonLanguage:
-        """Lets the kernel modules import (annotations name tl.constexpr); every call raises first."""
-
-        constexpr = None
-
-        def __getattr__(self, name):
-            return None
-
-    tl = _NoTritonLanguage()
+import triton
+import triton.language as tl
 
 __all__ = [
-    "triton", "tl", "kernel", "helper", "bind_helpers", "launch_count", "interpreting", "check_launchable",
-    "scalar", "accum_dtype", "split_f64", "next_pow2", "cdiv", "warps_for",
+    "launch", "launch_count", "intercept_launches", "interpreting", "check_launchable", "scalar", "accum_dtype",
+    "tl_dtype", "split_f64", "warps_for",
 ]
 
+# TRITON_INTERPRET as triton.jit reads it while this package's kernel modules are imported (right after
+# this module), and the mode the library's helpers were decorated in when triton was imported.
+_KERNELS_INTERPRETED = bool(triton.knobs.runtime.interpret)
+_LIBRARY_INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
 
-def interpreting() -> bool:
-    """Whether this process runs Triton kernels in the interpreter (fixed at ``import triton``)."""
-    if triton is None:
-        return False
-    return type(tl.sum).__name__ == "InterpretedFunction"
-
-
-def _wrap(fn, interpret: bool):
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(fn)
-    return triton.runtime.jit.JITFunction(fn)
+_launches = 0
+_intercept: Callable | None = None
 
 
-_LAUNCHES = [0]
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, counted (and handed to the interceptor, if one is set)."""
+    global _launches
+    _launches += 1
+    if _intercept is not None:
+        return _intercept(kernel, grid, args, kwargs)
+    return kernel[grid](*args, **kwargs)
 
 
 def launch_count() -> int:
     """Kernel launches made by this process so far (take differences around the code of interest)."""
-    return _LAUNCHES[0]
+    return _launches
 
 
-class LazyKernel:
-    """A kernel function wrapped as a Triton kernel on first launch, in the process's mode."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._wrapped = {}
-
-    def __getitem__(self, grid):
-        mode = interpreting()
-        wrapped = self._wrapped.get(mode)
-        if wrapped is None:
-            bind_helpers(mode)  # before wrapping: a compiled kernel hashes its callees at first run
-            wrapped = self._wrapped[mode] = _wrap(self.fn, mode)
-        _LAUNCHES[0] += 1  # `kernel[grid](...)` is always one launch
-        return wrapped[grid]
+@contextlib.contextmanager
+def intercept_launches(hook: Callable):
+    """Within the block, ``hook(kernel, grid, args, kwargs)`` replaces every launch (nothing runs) and
+    ``check_launchable`` accepts tensors on any device, so a CPU workload can be recorded anywhere."""
+    global _intercept
+    saved, _intercept = _intercept, hook
+    try:
+        yield
+    finally:
+        _intercept = saved
 
 
-def kernel(fn) -> LazyKernel:
-    """Decorator for kernel entry points (they call triton.language and ``@helper`` functions)."""
-    return LazyKernel(fn)
-
-
-class _UnboundHelper:
-    """What a helper's name holds before the first launch binds it (calling it is a bug)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self.fn.__name__} is a Triton device function: call it from a kernel")
-
-
-_HELPERS: dict = {}  # function -> every object its names have held (placeholder, then wrappers)
-_BOUND: list = [None]  # the mode the helpers are bound in, once bound
-
-
-def helper(fn):
-    """Decorator for a device function called from kernels, bound lazily like the kernels.
-
-    Kernels call it by a module-level name: its own module's, or one imported from there into
-    another module of this package (``bind_helpers`` rebinds every such name).
-    """
-    bound = _UnboundHelper(fn) if _BOUND[0] is None else _wrap(fn, _BOUND[0])
-    _HELPERS[fn] = [bound]
-    return bound
-
-
-def bind_helpers(interpret: bool | None = None) -> None:
-    """Put the mode's wrapper under every name in this package that holds one of a helper's objects."""
-    mode = interpreting() if interpret is None else interpret
-    if _BOUND[0] == mode or triton is None:
-        return
-    replace = {}
-    for fn, held in _HELPERS.items():
-        wrapper = _wrap(fn, mode)
-        replace.update({id(obj): wrapper for obj in held})
-        held.append(wrapper)  # kept alive, so the ids above stay unique
-    package = __name__.rpartition(".")[0]
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == package or name.startswith(package + ".")):
-            continue
-        namespace = vars(module)
-        for key, value in list(namespace.items()):
-            if id(value) in replace:
-                namespace[key] = replace[id(value)]
-    _BOUND[0] = mode
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (the library's helpers and ours alike)."""
+    return _KERNELS_INTERPRETED and _LIBRARY_INTERPRETED
 
 
 def check_launchable(name: str, *tensors: torch.Tensor) -> None:
     """Raise unless Triton can run on these tensors: CUDA, or CPU under TRITON_INTERPRET=1."""
-    if triton is None:
-        raise RuntimeError(f"mcscale.kernels.{name}: triton is not installed; use mcscale.objectives")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"mcscale.kernels.{name}: inputs on several devices {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cuda" or interpreting():
+    if device.type == "cuda" or interpreting() or _intercept is not None:
         return
     hint = ""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        hint = " (TRITON_INTERPRET is set, but only after triton was imported: set it before that)"
+        hint = " (TRITON_INTERPRET is set, but only after triton or mcscale.kernels was imported: set it before)"
     raise RuntimeError(
         f"mcscale.kernels.{name}: Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
         f"set before triton is first imported (got {device}){hint}; mcscale.objectives has the "
@@ -175,6 +108,11 @@ def accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def tl_dtype(dtype: torch.dtype):
+    """The Triton accumulation type for a torch accumulation dtype (float32 or float64)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def split_f64(x: float) -> tuple[float, float]:
     """(hi, lo) fp32 numbers with hi + lo == x to about 48 bits.
 
@@ -183,14 +121,6 @@ def split_f64(x: float) -> tuple[float, float]:
     """
     hi = float(torch.tensor(x, dtype=torch.float32))
     return hi, x - hi
-
-
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def warps_for(elements: int) -> int:

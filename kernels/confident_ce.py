@@ -14,8 +14,10 @@ d loss / d logits_i = g * coef[y_i] * (softmax(logits_i) - onehot(y_i)) on the s
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._runtime import accum_dtype, cdiv, check_launchable, helper, kernel, next_pow2, scalar, tl, warps_for
+from ._runtime import accum_dtype, check_launchable, launch, scalar, tl_dtype, warps_for
 
 __all__ = ["confident_cross_entropy"]
 
@@ -23,7 +25,7 @@ NORMALIZATIONS = ("weight_sum", "count")
 MAX_CLASSES = 1 << 16  # a row is one tile; beyond this it would not fit in registers
 
 
-@kernel
+@triton.jit
 def _ce_forward_kernel(
     logits_ptr, pseudo_ptr, tau_ptr, labels_ptr, lse_ptr, count_ptr, nll_sum_ptr, n, num_classes,
     stride_ln, stride_lk, stride_pn, stride_pk,
@@ -64,7 +66,7 @@ def _ce_forward_kernel(
     tl.atomic_add(nll_sum_ptr + cols, per_class_nll, mask=touched)
 
 
-@helper
+@triton.jit
 def _ce_coefficients(
     count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, num_classes,
     HAS_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, BY_WEIGHT: tl.constexpr, ACC: tl.constexpr,
@@ -106,7 +108,7 @@ def _ce_coefficients(
     return tl.where(any_selected, total / safe_denom, 0.0), num_selected
 
 
-@kernel
+@triton.jit
 def _ce_finish_kernel(
     count_ptr, nll_sum_ptr, weight_ptr, coef_ptr, loss_ptr, selected_ptr, num_classes,
     HAS_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, BY_WEIGHT: tl.constexpr, ACC: tl.constexpr,
@@ -118,7 +120,7 @@ def _ce_finish_kernel(
     tl.store(selected_ptr, num_selected.to(tl.int32))
 
 
-@kernel
+@triton.jit
 def _ce_backward_kernel(
     logits_ptr, labels_ptr, lse_ptr, coef_ptr, grad_out_ptr, grad_ptr, n, num_classes,
     stride_ln, stride_lk, stride_gn, stride_gk,
@@ -144,8 +146,8 @@ def _ce_backward_kernel(
 
 def _row_tiles(n: int, num_classes: int) -> tuple[int, int, int]:
     """(rows per program, class block, num_warps): tiles of about 4096 values."""
-    block_k = next_pow2(num_classes)
-    block_r = max(1, min(4096 // block_k, 64, next_pow2(n)))
+    block_k = triton.next_power_of_2(max(num_classes, 1))
+    block_r = max(1, min(4096 // block_k, 64, triton.next_power_of_2(max(n, 1))))
     return block_r, block_k, warps_for(block_r * block_k)
 
 
@@ -156,8 +158,8 @@ class _ConfidentCrossEntropy(torch.autograd.Function):
         device = logits.device
         lacc_dtype = accum_dtype(logits)
         pacc_dtype = accum_dtype(pseudo)
-        lacc = tl.float64 if lacc_dtype == torch.float64 else tl.float32
-        pacc = tl.float64 if pacc_dtype == torch.float64 else tl.float32
+        lacc = tl_dtype(lacc_dtype)
+        pacc = tl_dtype(pacc_dtype)
         labels = torch.empty(n, dtype=torch.int32, device=device)
         lse = torch.empty(n, dtype=lacc_dtype, device=device)
         sums = torch.zeros(2, num_classes, dtype=lacc_dtype, device=device)  # count, NLL per class
@@ -166,14 +168,16 @@ class _ConfidentCrossEntropy(torch.autograd.Function):
         num_selected = torch.empty((), dtype=torch.int32, device=device)
         block_r, block_k, warps = _row_tiles(n, num_classes)
         if n > 0:
-            _ce_forward_kernel[(cdiv(n, block_r),)](
+            launch(
+                _ce_forward_kernel, (triton.cdiv(n, block_r),),
                 logits, pseudo, scalar(tau, pacc_dtype, device), labels, lse, sums[0], sums[1],
                 n, num_classes, logits.stride(0), logits.stride(1), pseudo.stride(0), pseudo.stride(1),
                 PACC=pacc, LACC=lacc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
             )
         has_weight = class_weight is not None
         weight = class_weight.detach().to(lacc_dtype).contiguous() if has_weight else coef
-        _ce_finish_kernel[(1,)](
+        launch(
+            _ce_finish_kernel, (1,),
             sums[0], sums[1], weight, coef, loss, num_selected, num_classes,
             HAS_WEIGHT=has_weight, BALANCE=balance, BY_WEIGHT=by_weight, ACC=lacc,
             BLOCK=min(block_k, 1024), num_warps=4,
@@ -190,11 +194,11 @@ class _ConfidentCrossEntropy(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if n > 0:
             block_r, block_k, warps = _row_tiles(n, num_classes)
-            lacc = tl.float64 if lse.dtype == torch.float64 else tl.float32
-            _ce_backward_kernel[(cdiv(n, block_r),)](
+            launch(
+                _ce_backward_kernel, (triton.cdiv(n, block_r),),
                 logits, labels, lse, coef, grad_loss.contiguous(), grad, n, num_classes,
                 logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-                LACC=lacc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
+                LACC=tl_dtype(lse.dtype), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
             )
         return grad, None, None, None, None, None
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._runtime import cdiv, check_launchable, kernel, tl
+from ._runtime import check_launchable, launch
 
 __all__ = ["contingency"]
 
 _BLOCK = 1024  # labels per program: the kernel is a scatter, bound by atomics, not by tile shape
 
 
-@kernel
+@triton.jit
 def _contingency_kernel(
     a_ptr, b_ptr, counts_ptr, n, stride_a, stride_b, num_target, num_aux, cells, BLOCK: tl.constexpr
 ):
@@ -45,7 +47,8 @@ def contingency(
     counts = torch.zeros(cells + 1, dtype=torch.long, device=target_labels.device)
     n = target_labels.shape[0]
     if n > 0:
-        _contingency_kernel[(cdiv(n, _BLOCK),)](
+        launch(
+            _contingency_kernel, (triton.cdiv(n, _BLOCK),),
             target_labels, aux_labels, counts, n, target_labels.stride(0), aux_labels.stride(0),
             num_target, num_aux, cells, BLOCK=_BLOCK,
         )

@@ -7,7 +7,7 @@ CE of the aux head), L_s (similarity alignment in Gram form) and L = L_r + alpha
 forward and backward into the prediction-view logits of both heads. The pseudo-label view gets no
 gradient.
 
-Launches (counted by ``_runtime.launch_count``; nothing else runs on the device, no memset, once
+Launches (counted by ``launch_count()``; nothing else runs on the device, no memset, once
 the first call has cached tau, delta and the wide path's counter there):
 
 1. ``_head_rows_kernel`` (one program per block of rows): softmax statistics of the four logit
@@ -51,10 +51,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
-from ._runtime import (
-    accum_dtype, cdiv, check_launchable, helper, kernel, next_pow2, scalar, split_f64, tl, warps_for,
-)
+from ._runtime import accum_dtype, check_launchable, launch, scalar, split_f64, warps_for
 from .confident_ce import _ce_coefficients
 from .weights import _maxi_weight_block, _mini_owned_block, _mini_weight_block, _tiles
 
@@ -75,7 +75,7 @@ GRAD_TILE_P, GRAD_TILE_Q = 64, 32  # output columns per step / inner step of C G
 
 
 # ---------------------------------------------------------------- launch 1: rows
-@helper
+@triton.jit
 def _online_stats(z_ptr, stride_n, stride_k, rows64, row_live, width, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Row max, sum of exp(z - max) and first argmax of z, over the columns in chunks."""
@@ -101,7 +101,7 @@ def _online_stats(z_ptr, stride_n, stride_k, rows64, row_live, width, ACC: tl.co
     return run_max, run_sum, best_idx
 
 
-@helper
+@triton.jit
 def _head_rows(
     z1_ptr, s1n, s1k, z2_ptr, s2n, s2k, c_ptr, col0, c_stride, rows, row_live, width, tau,
     PRED_VIEW: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
@@ -150,7 +150,7 @@ def _head_rows(
     return count_label, tl.where(selected, label, -1), nll, norm
 
 
-@kernel
+@triton.jit
 def _head_rows_kernel(
     zt1_ptr, zm1_ptr, zt2_ptr, zm2_ptr, tau_ptr, c_ptr, labels_ptr, row_ptr, part_ptr,
     n, num_t, num_m,
@@ -188,7 +188,7 @@ def _head_rows_kernel(
 
 
 # ---------------------------------------------------------------- launch 2: the finishing work
-@helper
+@triton.jit
 def _finish(
     labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
     part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
@@ -281,7 +281,7 @@ def _finish(
     tl.store(stats_ptr + 4, n_m)
 
 
-@kernel
+@triton.jit
 def _head_finish_kernel(
     labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
     part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
@@ -298,7 +298,7 @@ def _head_finish_kernel(
 
 
 # ---------------------------------------------------------------- wide path: Gram tiles, then the finish
-@kernel
+@triton.jit
 def _head_gram_kernel(
     c_ptr, gram_ptr, part_ptr, arrived_ptr,
     labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
@@ -349,7 +349,7 @@ def _head_gram_kernel(
 
 
 # ---------------------------------------------------------------- launch 3: backward
-@helper
+@triton.jit
 def _c_times_gram(c_ptr, gram_ptr, rows64, row_live, p0, width, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """(C G')[rows, p0:p0+BLOCK_P], summed over BLOCK_Q columns of C at a time."""
@@ -365,7 +365,7 @@ def _c_times_gram(c_ptr, gram_ptr, rows64, row_live, p0, width, ACC: tl.constexp
     return acc
 
 
-@helper
+@triton.jit
 def _grad_store(
     u, d, cols, rows64, live, num_t, r_t, r_m, norm_t, norm_m, y_t, y_m, coef_t, coef_m, g, beta,
     gt_ptr, gtn, gtk, gm_ptr, gmn, gmk, NORMALIZE: tl.constexpr,
@@ -389,7 +389,7 @@ def _grad_store(
              mask=live & ~in_t)
 
 
-@kernel
+@triton.jit
 def _head_grad_kernel(
     c_ptr, gram_ptr, labels_ptr, row_ptr, coef_t_ptr, coef_m_ptr, grad_out_ptr, d_ptr, gt_ptr, gm_ptr,
     n, num_t, width, scale_hi, scale_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
@@ -467,27 +467,27 @@ def _arrival_counter(device: torch.device) -> torch.Tensor:
 def _plan(n: int, num_t: int, num_m: int) -> dict:
     """Tile sizes from the problem sizes (tl.dot needs every dimension >= 16)."""
     width = num_t + num_m
-    block_w = max(16, next_pow2(width))
+    block_w = max(16, triton.next_power_of_2(width))
     small = block_w <= SMALL_WIDTH
-    block_t = min(next_pow2(num_t), CHUNK)
-    block_m = min(next_pow2(num_m), CHUNK)
+    block_t = min(triton.next_power_of_2(num_t), CHUNK)
+    block_m = min(triton.next_power_of_2(num_m), CHUNK)
     widest = max(block_t, block_m, block_w if small else 0)
     # Rows per program: tiles of about 4096 values, fewer partial Grams when they are big.
-    rows = max(16, min(4096 // widest, 128 if block_w <= 64 else 64, next_pow2(n)))
+    rows = max(16, min(4096 // widest, 128 if block_w <= 64 else 64, triton.next_power_of_2(n)))
     weight_lines, weight_chunk = _tiles(num_m, num_t)  # mini: lines are columns
     maxi_lines, maxi_chunk = _tiles(num_t, num_m)
     plan = dict(
         width=width, small=small, block_w=block_w, block_t=block_t, block_m=block_m, rows=rows,
-        programs=cdiv(n, rows), block=min(1024, max(16, next_pow2(max(n, num_t * num_m, 2 * width)))),
-        block_cls=min(1024, next_pow2(max(num_t, num_m))),
+        programs=triton.cdiv(n, rows), block=min(1024, max(16, triton.next_power_of_2(max(n, num_t * num_m, 2 * width)))),
+        block_cls=min(1024, triton.next_power_of_2(max(num_t, num_m))),
         mini_tiles=(weight_chunk, weight_lines), maxi_tiles=(maxi_lines, maxi_chunk),
     )
     if small:
-        plan.update(grad_rows=max(16, min(64 if block_w <= 64 else 32, next_pow2(n))), grad_p=block_w,
+        plan.update(grad_rows=max(16, min(64 if block_w <= 64 else 32, triton.next_power_of_2(n))), grad_p=block_w,
                     grad_q=min(32, block_w))
     else:
-        gram_tiles = cdiv(width, GRAM_TILE)
-        plan.update(gram_tiles=gram_tiles, grad_rows=max(16, min(32, next_pow2(n))), grad_p=GRAD_TILE_P,
+        gram_tiles = triton.cdiv(width, GRAM_TILE)
+        plan.update(gram_tiles=gram_tiles, grad_rows=max(16, min(32, triton.next_power_of_2(n))), grad_p=GRAD_TILE_P,
                     grad_q=GRAD_TILE_Q)
     return plan
 
@@ -519,7 +519,8 @@ class _HeadObjective(torch.autograd.Function):
         coef_m = per_class[2 * width + num_t:]
         num_parts = plan["programs"] if small else plan["gram_tiles"] ** 2
         part = torch.empty(num_parts * (block_w * block_w if small else 1), dtype=acc_dtype, device=device)
-        _head_rows_kernel[(plan["programs"],)](
+        launch(
+            _head_rows_kernel, (plan["programs"],),
             zt1, zm1, zt2, zm2, scalar(tau, acc_dtype, device), c, labels, per_row, part, n, num_t, num_m,
             zt1.stride(0), zt1.stride(1), zm1.stride(0), zm1.stride(1),
             zt2.stride(0), zt2.stride(1), zm2.stride(0), zm2.stride(1),
@@ -533,11 +534,12 @@ class _HeadObjective(torch.autograd.Function):
         )
         finish_meta = dict(
             MINI=mini, BY_WEIGHT=by_weight, BALANCE=balance, ACC=acc, BLOCK=plan["block"],
-            BLOCK_CLS=plan["block_cls"], BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_P=min(1024, next_pow2(num_parts)),
+            BLOCK_CLS=plan["block_cls"], BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_P=min(1024, triton.next_power_of_2(num_parts)),
         )
         delta_t = scalar(delta, torch.float64, device)
         if small:
-            _head_finish_kernel[(1,)](
+            launch(
+                _head_finish_kernel, (1,),
                 labels, per_row, counts, owned, weights, delta_t, per_class, coef_t, coef_m, part, num_parts,
                 gram, stats, loss, *finish_args, SMALL=True, BLOCK_W=block_w, **finish_meta,
                 num_warps=8 if block_w > 64 else 4,
@@ -546,7 +548,8 @@ class _HeadObjective(torch.autograd.Function):
             tiles = plan["gram_tiles"]
             arrived = _arrival_counter(device)
             try:
-                _head_gram_kernel[(tiles, tiles)](
+                launch(
+                    _head_gram_kernel, (tiles, tiles),
                     c, gram, part, arrived, labels, per_row, counts, owned, weights, delta_t, per_class, coef_t,
                     coef_m, stats, loss, *finish_args, BLOCK_N=32, BLOCK_C=GRAM_TILE, **finish_meta, num_warps=4,
                 )
@@ -569,7 +572,8 @@ class _HeadObjective(torch.autograd.Function):
         grad_m = torch.empty(shape_m, dtype=dtype_m, device=c.device)
         d = c if plan["small"] else torch.empty_like(c)  # the wide path keeps D = dL_s/dC there
         rows = plan["grad_rows"]
-        _head_grad_kernel[(cdiv(n, rows),)](
+        launch(
+            _head_grad_kernel, (triton.cdiv(n, rows),),
             c, gram, labels, per_row, coef_t, coef_m, grad_loss.detach().to(c.dtype).contiguous(), d,
             grad_t, grad_m, n, num_t, width, *split_f64(4.0 / float(n * n)), *split_f64(alpha),
             *split_f64(beta), grad_t.stride(0), grad_t.stride(1), grad_m.stride(0), grad_m.stride(1),

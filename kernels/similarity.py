@@ -15,15 +15,17 @@ sums run in fp32 (fp64 for fp64 inputs).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._runtime import accum_dtype, cdiv, check_launchable, kernel, next_pow2, split_f64, tl, warps_for
+from ._runtime import accum_dtype, check_launchable, launch, split_f64, tl_dtype, warps_for
 
 __all__ = ["similarity_alignment"]
 
 _EPS = 1e-12  # F.normalize's eps: rows are divided by max(||row||, eps)
 
 
-@kernel
+@triton.jit
 def _inv_norm_kernel(
     a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, n, num_a, width,
     stride_an, stride_ak, stride_bn, stride_bk,
@@ -48,7 +50,7 @@ def _inv_norm_kernel(
     tl.store(inv_b_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sq_b), EPS), mask=row_live)
 
 
-@kernel
+@triton.jit
 def _gram_kernel(
     a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, gram_ptr, loss_ptr, n, num_a, width, inv_n2_hi, inv_n2_lo,
     stride_an, stride_ak, stride_bn, stride_bk,
@@ -96,7 +98,7 @@ def _gram_kernel(
     tl.store(gram_ptr + q64 + cols_p[:, None], signed, mask=valid)
 
 
-@kernel
+@triton.jit
 def _grad_kernel(
     a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, gram_ptr, grad_out_ptr, out_a_ptr, out_b_ptr,
     n, num_a, width, scale_hi, scale_lo,
@@ -156,7 +158,7 @@ def _grad_kernel(
              acc.to(out_b_ptr.dtype.element_ty), mask=live_p & ~in_a_p)
 
 
-@kernel
+@triton.jit
 def _normalize_backward_kernel(
     x_ptr, inv_ptr, grad_ptr, out_ptr, n, width,
     stride_xn, stride_xk, stride_gn, stride_on, stride_ok,
@@ -188,10 +190,10 @@ def _normalize_backward_kernel(
 
 def _launch_config(n: int, width: int) -> dict:
     """Tile sizes from the problem sizes (a small table; tl.dot needs every dim >= 16)."""
-    block_c = min(64, max(16, next_pow2(width)))
+    block_c = min(64, max(16, triton.next_power_of_2(width)))
     block_n = 16 if n <= 16 else (32 if width > 64 else 64)
-    whole_row = next_pow2(width) <= 128
-    block_p = max(16, next_pow2(width)) if whole_row else 64
+    whole_row = triton.next_power_of_2(width) <= 128
+    block_p = max(16, triton.next_power_of_2(width)) if whole_row else 64
     return dict(block_c=block_c, block_n=block_n, whole_row=whole_row, block_p=block_p, block_q=32)
 
 
@@ -200,7 +202,7 @@ def _types(a: torch.Tensor, b: torch.Tensor):
     # fp32 inputs get exact fp32 products; 16-bit inputs already carry less than tf32's mantissa.
     sixteen = a.dtype in (torch.bfloat16, torch.float16) and b.dtype in (torch.bfloat16, torch.float16)
     precision = "tf32" if sixteen else "ieee"
-    return acc, (tl.float64 if acc == torch.float64 else tl.float32), precision
+    return acc, tl_dtype(acc), precision
 
 
 class _SimilarityAlignment(torch.autograd.Function):
@@ -216,13 +218,15 @@ class _SimilarityAlignment(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc_dtype, device=a.device)
         strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
         if normalize_rows:
-            block = min(64, next_pow2(width))
-            _inv_norm_kernel[(cdiv(n, 16),)](
+            block = min(64, triton.next_power_of_2(width))
+            launch(
+                _inv_norm_kernel, (triton.cdiv(n, 16),),
                 a, b, inv_a, inv_b, n, num_a, width, *strides,
                 EPS=_EPS, ACC=acc, BLOCK_N=16, BLOCK_C=block, num_warps=4,
             )
-        tiles = cdiv(width, cfg["block_c"])
-        _gram_kernel[(tiles, tiles)](
+        tiles = triton.cdiv(width, cfg["block_c"])
+        launch(
+            _gram_kernel, (tiles, tiles),
             a, b, inv_a, inv_b, gram, loss, n, num_a, width, *split_f64(1.0 / float(n * n)), *strides,
             NORMALIZE=normalize_rows, ACC=acc, PRECISION=precision,
             BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], num_warps=4,
@@ -248,7 +252,8 @@ class _SimilarityAlignment(torch.autograd.Function):
         out_a = grad_a if direct else scratch[:, :num_a]
         out_b = grad_b if direct else scratch[:, num_a:]
         block_p = cfg["block_p"]
-        _grad_kernel[(cdiv(n, cfg["block_n"]), cdiv(width, block_p))](
+        launch(
+            _grad_kernel, (triton.cdiv(n, cfg["block_n"]), triton.cdiv(width, block_p)),
             a, b, inv_a, inv_b, gram, grad_out.contiguous(), out_a, out_b,
             n, num_a, width, *split_f64(4.0 / float(n * n)),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -259,10 +264,11 @@ class _SimilarityAlignment(torch.autograd.Function):
         )
         if not direct:
             for x, inv, g, out in ((a, inv_a, out_a, grad_a), (b, inv_b, out_b, grad_b)):
-                _normalize_backward_kernel[(cdiv(n, 16),)](
+                launch(
+                    _normalize_backward_kernel, (triton.cdiv(n, 16),),
                     x, inv, g, out, n, x.shape[1], x.stride(0), x.stride(1), g.stride(0),
                     out.stride(0), out.stride(1),
-                    ACC=acc, EPS=_EPS, BLOCK_N=16, BLOCK_C=min(256, next_pow2(x.shape[1])), num_warps=4,
+                    ACC=acc, EPS=_EPS, BLOCK_N=16, BLOCK_C=min(256, triton.next_power_of_2(x.shape[1])), num_warps=4,
                 )
         return grad_a, grad_b, None
 

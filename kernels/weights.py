@@ -15,15 +15,17 @@ head objective (``fused.py``), which computes the weights inside its finishing p
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._runtime import cdiv, check_launchable, helper, kernel, next_pow2, scalar, tl, warps_for
+from ._runtime import check_launchable, launch, scalar, warps_for
 
 __all__ = ["class_weights"]
 
 WEIGHT_MODES = ("mini", "maxi")
 
 
-@helper
+@triton.jit
 def _line_totals(counts_ptr, line_offs, line_live, length, stride_a, BLOCK_L: tl.constexpr,
                  BLOCK_A: tl.constexpr):
     """Float64 totals of BLOCK_L lines; ``line_offs`` are their offsets, ``stride_a`` the step along."""
@@ -36,7 +38,7 @@ def _line_totals(counts_ptr, line_offs, line_live, length, stride_a, BLOCK_L: tl
     return totals
 
 
-@helper
+@triton.jit
 def _shares_above(counts_ptr, line_offs, line_live, totals, a0, length, stride_a, delta,
                   BLOCK_A: tl.constexpr):
     """[lines, BLOCK_A] mask of the entries a0.. whose share of their line is strictly above delta."""
@@ -51,7 +53,7 @@ def _shares_above(counts_ptr, line_offs, line_live, totals, a0, length, stride_a
     return (share > delta) & live
 
 
-@helper
+@triton.jit
 def _mini_owned_block(counts_ptr, owned_ptr, delta, j0, num_target, num_aux, stride_k, stride_j,
                       BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
     """Columns j0..j0+BLOCK_J: add to owned[k] the columns where cluster k's share is above delta."""
@@ -66,7 +68,7 @@ def _mini_owned_block(counts_ptr, owned_ptr, delta, j0, num_target, num_aux, str
         tl.atomic_add(owned_ptr + rows, hits, mask=(rows < num_target) & (hits > 0))
 
 
-@helper
+@triton.jit
 def _mini_weight_block(owned_ptr, weight_ptr, offs, num_target, num_aux):
     """w_k = M / max(c_k, 0.5) for the clusters ``offs``."""
     live = offs < num_target
@@ -77,7 +79,7 @@ def _mini_weight_block(owned_ptr, weight_ptr, offs, num_target, num_aux):
     tl.store(weight_ptr + offs, recip * tl.cast(num_aux, tl.float32), mask=live)
 
 
-@helper
+@triton.jit
 def _maxi_weight_block(counts_ptr, weight_ptr, delta, k0, num_target, num_aux, stride_k, stride_j,
                        BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
     """Rows k0..k0+BLOCK_K: w_k = max(#{j : share of row k above delta}, 0.5)."""
@@ -92,7 +94,7 @@ def _maxi_weight_block(counts_ptr, weight_ptr, delta, k0, num_target, num_aux, s
     tl.store(weight_ptr + rows, tl.maximum(owned.to(tl.float32), 0.5), mask=row_live)
 
 
-@kernel
+@triton.jit
 def _mini_owned_kernel(
     counts_ptr, owned_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
     BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -101,13 +103,13 @@ def _mini_owned_kernel(
                       num_aux, stride_k, stride_j, BLOCK_K, BLOCK_J)
 
 
-@kernel
+@triton.jit
 def _mini_finish_kernel(owned_ptr, weight_ptr, num_target, num_aux, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     _mini_weight_block(owned_ptr, weight_ptr, offs, num_target, num_aux)
 
 
-@kernel
+@triton.jit
 def _maxi_weights_kernel(
     counts_ptr, weight_ptr, delta_ptr, num_target, num_aux, stride_k, stride_j,
     BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -118,8 +120,8 @@ def _maxi_weights_kernel(
 
 def _tiles(num_lines: int, line_length: int) -> tuple[int, int]:
     """(lines per program, chunk along a line): 2-D tiles of at most 4096 counts."""
-    chunk = min(next_pow2(max(line_length, 1)), 256)
-    lines = max(1, min(4096 // chunk, 64, next_pow2(max(num_lines, 1))))
+    chunk = min(triton.next_power_of_2(max(line_length, 1)), 256)
+    lines = max(1, min(4096 // chunk, 64, triton.next_power_of_2(max(num_lines, 1))))
     return lines, chunk
 
 
@@ -141,7 +143,8 @@ def class_weights(counts: torch.Tensor, delta: float, mode: str = "mini") -> tor
     delta_t = scalar(delta, torch.float64, device)
     if mode == "maxi":
         rows, chunk = _tiles(num_target, num_aux)
-        _maxi_weights_kernel[(cdiv(num_target, rows),)](
+        launch(
+            _maxi_weights_kernel, (triton.cdiv(num_target, rows),),
             counts, weights, delta_t, num_target, num_aux, counts.stride(0), counts.stride(1),
             BLOCK_K=rows, BLOCK_J=chunk, num_warps=warps_for(rows * chunk),
         )
@@ -149,10 +152,11 @@ def class_weights(counts: torch.Tensor, delta: float, mode: str = "mini") -> tor
     owned = torch.zeros(num_target, dtype=torch.int32, device=device)
     if num_aux > 0:
         cols, chunk = _tiles(num_aux, num_target)
-        _mini_owned_kernel[(cdiv(num_aux, cols),)](
+        launch(
+            _mini_owned_kernel, (triton.cdiv(num_aux, cols),),
             counts, owned, delta_t, num_target, num_aux, counts.stride(0), counts.stride(1),
             BLOCK_K=chunk, BLOCK_J=cols, num_warps=warps_for(cols * chunk),
         )
-    block = min(next_pow2(num_target), 1024)
-    _mini_finish_kernel[(cdiv(num_target, block),)](owned, weights, num_target, num_aux, BLOCK=block)
+    block = min(triton.next_power_of_2(num_target), 1024)
+    launch(_mini_finish_kernel, (triton.cdiv(num_target, block),), owned, weights, num_target, num_aux, BLOCK=block)
     return weights

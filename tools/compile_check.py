@@ -2,23 +2,23 @@
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, not whether they compile: the
 compiled frontend is stricter about types, constexpr branches and early returns. This tool runs the
-public functions on CPU tensors with the launches recorded instead of run, then compiles each
-distinct launch (signature and constants as Triton's launcher would specialise them) down to a
-cubin with the ptxas that ships with triton. Run it in a process that did not set TRITON_INTERPRET:
+public functions of ``mcscale.kernels`` on CPU tensors with every launch intercepted (recorded, not
+run: ``mcscale.kernels._runtime.intercept_launches``), then compiles each distinct launch (signature
+and constants as Triton's launcher would specialise them) down to a cubin with the ptxas that ships
+with triton. Run it from a checkout, in a process without TRITON_INTERPRET:
 
-    python -m mcscale.kernels.compile_check [--arch 90]
+    python tools/compile_check.py [--arch 90]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import time
 
 import torch
-
-from . import _runtime
 
 _POINTER_TYPES = {
     torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -27,18 +27,12 @@ _POINTER_TYPES = {
 
 
 def record_launches() -> list:
-    """(kernel function, args, kwargs) of every launch made by a small mixed workload."""
+    """(kernel, args, kwargs) of every launch made by a small mixed workload."""
     import mcscale.kernels as mk
+    from mcscale.kernels import _runtime
 
     recorded = []
-
-    def spy(self, grid):
-        return lambda *args, **kwargs: recorded.append((self.fn, args, kwargs))
-
-    saved = (_runtime.LazyKernel.__getitem__, _runtime.interpreting)
-    _runtime.LazyKernel.__getitem__ = spy
-    _runtime.interpreting = lambda: True  # let CPU tensors through check_launchable
-    try:
+    with _runtime.intercept_launches(lambda kernel, grid, args, kwargs: recorded.append((kernel, args, kwargs))):
         g = torch.Generator().manual_seed(0)
         labels = torch.randint(0, 10, (37,), generator=g), torch.randint(0, 40, (37,), generator=g)
         counts = mk.contingency(*labels, 10, 40)
@@ -70,8 +64,6 @@ def record_launches() -> list:
                                     target_normalize="weight_sum" if flags else "count", aux_balance=flags,
                                     normalize_rows=flags)
             out.loss.backward()
-    finally:
-        _runtime.LazyKernel.__getitem__, _runtime.interpreting = saved
     return recorded
 
 
@@ -98,32 +90,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     args = parser.parse_args(argv)
-    if _runtime.triton is None or _runtime.interpreting():
-        print("compile_check needs triton, imported without TRITON_INTERPRET=1", file=sys.stderr)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check compiles kernels: run it without TRITON_INTERPRET", file=sys.stderr)
         return 2
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, failures = set(), 0
-    launches = record_launches()
-    _runtime.bind_helpers(False)  # the spy launched nothing, so the device functions are still unbound
-    for fn, call_args, kwargs in launches:
-        signature, constants, warps = _signature(fn, call_args, kwargs)
-        key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constants.items(), key=str)))
+    for kernel, call_args, kwargs in record_launches():
+        signature, constants, warps = _signature(kernel.fn, call_args, kwargs)
+        name = kernel.fn.__name__
+        key = (name, repr(sorted(signature.items())), repr(sorted(constants.items(), key=str)))
         if key in seen:
             continue
         seen.add(key)
         start = time.perf_counter()
         try:
-            source = ASTSource(JITFunction(fn), signature, constants)
-            _runtime.triton.compile(source, target=target, options={"num_warps": warps})
+            triton.compile(ASTSource(kernel, signature, constants), target=target, options={"num_warps": warps})
             status = "ok  "
         except Exception as exc:  # report every failing variant, not just the first
             failures += 1
             status = f"FAIL {type(exc).__name__}: {str(exc)[-600:]}\n    "
-        print(f"{status}{fn.__name__} {time.perf_counter() - start:.1f}s {constants}")
+        print(f"{status}{name} {time.perf_counter() - start:.1f}s {constants}")
     print(f"{len(seen)} variants, {failures} failed (sm_{args.arch})")
     return 1 if failures else 0
 
