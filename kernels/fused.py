@@ -1,4 +1,4 @@
-"""The whole MiniClustering / MaxiClustering head objective in three Triton launches per step.
+"""The whole MiniClustering / MaxiClustering head objective in three or four Triton launches per step.
 
 One call computes what ``HeadGuided.batch_loss`` composes from the references (METHOD.md sections 3
 and 4, the cross-entropy form of L_r): class weights from the contingency matrix of the argmaxes of
@@ -7,38 +7,34 @@ CE of the aux head), L_s (similarity alignment in Gram form) and L = L_r + alpha
 forward and backward into the prediction-view logits of both heads. The pseudo-label view gets no
 gradient.
 
-Launches (counted by ``launch_count()``; nothing else runs on the device, no memset, once
-the first call has cached tau, delta and the wide path's counter there):
+Launches (counted by ``launch_count()``; nothing else runs on the device, no memset, once the first
+call has cached tau and delta there):
 
 1. ``_head_rows_kernel`` (one program per block of rows): softmax statistics of the four logit
    matrices, the count labels, pseudo-labels, per-row NLL, and C = [U_t | U_m] (the rows of both
    heads' probabilities, L2-normalised when ``normalize_rows``) written to a scratch. When K + M
    fits one tile (next power of two <= 128, the CIFAR / STL settings) each program also writes its
    partial Gram matrix C_blk^T C_blk.
-2. ``_head_finish_kernel`` (one program running ``_finish``): the contingency matrix (zeroed, then
-   scattered with atomics), the class weights (the helpers of ``weights.py``), the per-class CE sums and
-   coefficients (the helper of ``confident_ce.py``), the Gram matrix G (sum of the partials),
-   G' = (s s^T) * G, L_s = sum(G' * G) / N^2 and the total loss.
-3. ``_head_grad_kernel`` (backward, one program per block of rows):
+2. wide path only (K + M > 128: Tiny-ImageNet, ImageNet-LT, where the partial Grams would not fit a
+   program): ``_head_gram_kernel``, one program per tile of G; the upper ones compute G' = (s s^T) * G
+   and their share of sum(G' * G).
+3. ``_head_finish_kernel`` (one program): the contingency matrix (zeroed, then scattered with
+   atomics), the class weights (the helpers of ``weights.py``), the per-class CE sums and
+   coefficients (the helper of ``confident_ce.py``), G and G' from the partials (one-tile path),
+   L_s = sum(G' * G) / N^2 and the total loss.
+4. ``_head_grad_kernel`` (backward, one program per block of rows):
    dz = g * (coef[y] (p - onehot(y)) + beta * u * (D - r u)), D = (4 / N^2) C G', r = u . D per head
    (alpha is folded into the aux head's coef; without row normalisation u = p and the last term is
-   D - r): the normalisation and softmax
-   backwards collapse to this because d(p / |p|) is orthogonal to p.
+   D - r): the normalisation and softmax backwards collapse to this because d(p / |p|) is orthogonal
+   to p.
 
-So a step is 2 launches forward + 1 backward = 3. For wider heads (K + M > 128: Tiny-ImageNet,
-ImageNet-LT) the partial Grams would not fit a program, and launch 2 is ``_head_gram_kernel`` instead
-(one program per tile of G; the upper ones compute G' and their share of L_s), whose last program
-to arrive runs ``_finish``: each program, after a CTA barrier, adds 1 to an int32 counter with a
-gpu-scope ``acq_rel`` atomic, and the one that reads num_programs - 1 resets it to 0 and finishes.
-Also 3 launches. The counter is zeroed once and cached per device and CUDA stream: launches on one
-stream run one after another and other streams have their own counter, so no two running launches
-share one. A launch stopped part-way would leave it non-zero (the host zeroes it when a launch
-raises). That ordering (the tiles' stores to part
-visible to the last program's loads) rests on the release / acquire of that atomic: it has run
-under the interpreter (which runs programs one after another) and compiles for sm_90 (barrier, then
-``atom.global.gpu.acq_rel`` by one thread, result broadcast through shared memory), but has never
-run on a GPU. The finishing work is the serial part: O(N + K M + partials), small for the paper's
-settings, but it occupies one SM after the Gram tiles.
+So a step is 2 launches forward + 1 backward = 3 when K + M fits one tile, 3 + 1 = 4 on the wide path
+(``LAUNCHES_PER_STEP``). The launches are plain stream-ordered kernels with no state kept between
+calls, so a step can be captured in a CUDA graph. The finishing work is the serial part:
+O(N + K M + partials), small for the paper's settings.
+
+Host code: ``head_objective`` validates its arguments into one frozen ``HeadObjectiveOptions``, which
+``_forward`` and ``_backward`` (called by the autograd function) take as they are.
 
 Arithmetic is float32 (float64 for float64 logits) whatever the logits' dtype, with the
 references' rules: softmax and confidence in the accumulation dtype, class weights from float64
@@ -54,21 +50,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import accum_dtype, check_launchable, launch, scalar, split_f64, warps_for
+from ._runtime import accum_dtype, check_launchable, launch, scalar, split_f64, tl_dtype, warps_for
 from .confident_ce import _ce_coefficients
 from .weights import _maxi_weight_block, _mini_owned_block, _mini_weight_block, _tiles
 
-__all__ = ["head_objective", "HeadObjective", "LAUNCHES_PER_STEP"]
+__all__ = ["head_objective", "HeadObjective", "HeadObjectiveOptions", "LAUNCHES_PER_STEP"]
 
 WEIGHT_MODES = ("mini", "maxi")
 WEIGHT_VIEWS = ("prediction", "pseudo")
 NORMALIZATIONS = ("weight_sum", "count")
-LAUNCHES_PER_STEP = {"fused": 3, "wide": 3}  # K + M <= SMALL_WIDTH after padding, and wider
+LAUNCHES_PER_STEP = {"fused": 3, "wide": 4}  # K + M <= SMALL_WIDTH after padding, and wider
 _EPS = 1e-12  # F.normalize's eps
 
 # Tile limits (module constants so tests can shrink them and exercise the multi-tile code paths
 # at interpreter-friendly sizes).
 SMALL_WIDTH = 128  # K + M, padded to a power of two, up to which Gram partials come from launch 1
+                   # (the one-tile path); wider is the wide path
 CHUNK = 128  # columns of one head per step in the row loops
 GRAM_TILE = 64  # Gram tile side in the wide path
 GRAD_TILE_P, GRAD_TILE_Q = 64, 32  # output columns per step / inner step of C G' in the wide path
@@ -187,22 +184,26 @@ def _head_rows_kernel(
         tl.store(part_ptr + pid.to(tl.int64) * BLOCK_W * BLOCK_W + w64[:, None] * BLOCK_W + w64[None, :], g)
 
 
-# ---------------------------------------------------------------- launch 2: the finishing work
+# ---------------------------------------------------------------- the finishing work (one program)
 @triton.jit
-def _finish(
-    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
+def _head_finish_kernel(
+    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, class_ptr,
     part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
     n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
     MINI: tl.constexpr, SMALL: tl.constexpr, BY_WEIGHT: tl.constexpr, BALANCE: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Counts, weights, CE coefficients, L_s and the loss, in one program.
+    """Launch 2 (3 on the wide path), one program: counts, weights, CE coefficients, L_s and the loss.
 
-    sums_ptr: [count_t (K), nll_t (K), count_m (M), nll_m (M)]; stats: l_r, l_m, l_s, |S_t|, |S_m|.
-    part_ptr: per-row-block partial Grams (SMALL) or per-Gram-tile shares of sum(G' * G).
+    class_ptr: [count_t (K), nll_t (K), count_m (M), nll_m (M) | coef_t (K), coef_m (M)];
+    stats: l_r, l_m, l_s, |S_t|, |S_m|. part_ptr: per-row-block partial Grams (SMALL) or per-Gram-tile
+    shares of sum(G' * G).
     """
     width = num_t + num_m
+    sums_ptr = class_ptr
+    coef_t_ptr = class_ptr + 2 * width
+    coef_m_ptr = coef_t_ptr + num_t
     cells = num_t * num_m
     # Zero what the atomics below add into (this program owns all of it: no memset launch).
     for c0 in range(0, cells, BLOCK):
@@ -281,74 +282,39 @@ def _finish(
     tl.store(stats_ptr + 4, n_m)
 
 
-@triton.jit
-def _head_finish_kernel(
-    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
-    part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
-    n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
-    MINI: tl.constexpr, SMALL: tl.constexpr, BY_WEIGHT: tl.constexpr, BALANCE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """The narrow path's launch 2: ``_finish`` in a single program."""
-    _finish(labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
-            part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
-            n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
-            MINI, SMALL, BY_WEIGHT, BALANCE, ACC, BLOCK, BLOCK_CLS, BLOCK_K, BLOCK_J, BLOCK_W, BLOCK_P)
-
-
-# ---------------------------------------------------------------- wide path: Gram tiles, then the finish
+# ---------------------------------------------------------------- wide path: the Gram tiles
 @triton.jit
 def _head_gram_kernel(
-    c_ptr, gram_ptr, part_ptr, arrived_ptr,
-    labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr, coef_m_ptr,
-    stats_ptr, loss_ptr,
-    n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
-    MINI: tl.constexpr, BY_WEIGHT: tl.constexpr, BALANCE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+    c_ptr, gram_ptr, part_ptr, n, num_t, width,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One upper tile (p <= q) of G' = (s s^T) * C^T C, mirrored, and its share of sum(G' * G) to part;
-    the last program to arrive (counted in arrived_ptr, 0 between calls) then runs ``_finish``."""
+    """Launch 2 of the wide path: one upper tile (p <= q) of G' = (s s^T) * C^T C, mirrored, and its
+    share of sum(G' * G) to part[p, q] (0 from the lower tiles, which their mirror stands for)."""
     tile_p = tl.program_id(0)
     tile_q = tl.program_id(1)
     slot = tile_p * tl.num_programs(1) + tile_q
-    num_parts = tl.num_programs(0) * tl.num_programs(1)
-    width = num_t + num_m
-    if tile_p > tile_q:  # a lower tile: its mirror counts it
+    if tile_p > tile_q:
         tl.store(part_ptr + slot + tl.arange(0, 1), tl.zeros([1], dtype=ACC))
-    else:
-        cols_p = tile_p * BLOCK_C + tl.arange(0, BLOCK_C)
-        cols_q = tile_q * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=ACC)
-        for n0 in range(0, n, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            rows64 = rows.to(tl.int64)[:, None] * width
-            row_live = (rows < n)[:, None]
-            xp = tl.load(c_ptr + rows64 + cols_p[None, :], mask=row_live & (cols_p < width)[None, :], other=0.0)
-            xq = tl.load(c_ptr + rows64 + cols_q[None, :], mask=row_live & (cols_q < width)[None, :], other=0.0)
-            acc += tl.dot(tl.trans(xp), xq, input_precision="ieee", out_dtype=ACC)
-        signed = tl.where((cols_p < num_t)[:, None] == (cols_q < num_t)[None, :], acc, -acc)
-        mult = tl.where(tile_p == tile_q, 1.0, 2.0).to(ACC)  # an off-diagonal tile stands for its mirror too
-        tl.store(part_ptr + slot, tl.sum(tl.sum(signed * acc, axis=1), axis=0) * mult)
-        valid = (cols_p < width)[:, None] & (cols_q < width)[None, :]
-        tl.store(gram_ptr + cols_p.to(tl.int64)[:, None] * width + cols_q[None, :], signed, mask=valid)
-        tl.store(gram_ptr + cols_q.to(tl.int64)[None, :] * width + cols_p[:, None], signed, mask=valid)
-    # Last program finishes: every thread's stores above happen before the CTA barrier, the release
-    # half of the gpu-scope atomic publishes them; its acquire half (then the broadcast of its result
-    # to all threads) orders the last program's loads of part after every other program's stores.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrived_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_parts - 1:
-        tl.store(arrived_ptr, 0)  # every program has counted: ready for the next call
-        tl.debug_barrier()
-        _finish(labels_ptr, row_ptr, counts_ptr, owned_ptr, weight_ptr, delta_ptr, sums_ptr, coef_t_ptr,
-                coef_m_ptr, part_ptr, num_parts, gram_ptr, stats_ptr, loss_ptr,
-                n, num_t, num_m, inv_n2_hi, inv_n2_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
-                MINI, False, BY_WEIGHT, BALANCE, ACC, BLOCK, BLOCK_CLS, BLOCK_K, BLOCK_J, 16, BLOCK_P)
+        return
+    cols_p = tile_p * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols_q = tile_q * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=ACC)
+    for n0 in range(0, n, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)[:, None] * width
+        row_live = (rows < n)[:, None]
+        xp = tl.load(c_ptr + rows64 + cols_p[None, :], mask=row_live & (cols_p < width)[None, :], other=0.0)
+        xq = tl.load(c_ptr + rows64 + cols_q[None, :], mask=row_live & (cols_q < width)[None, :], other=0.0)
+        acc += tl.dot(tl.trans(xp), xq, input_precision="ieee", out_dtype=ACC)
+    signed = tl.where((cols_p < num_t)[:, None] == (cols_q < num_t)[None, :], acc, -acc)
+    mult = tl.where(tile_p == tile_q, 1.0, 2.0).to(ACC)  # an off-diagonal tile stands for its mirror too
+    tl.store(part_ptr + slot, tl.sum(tl.sum(signed * acc, axis=1), axis=0) * mult)
+    valid = (cols_p < width)[:, None] & (cols_q < width)[None, :]
+    tl.store(gram_ptr + cols_p.to(tl.int64)[:, None] * width + cols_q[None, :], signed, mask=valid)
+    tl.store(gram_ptr + cols_q.to(tl.int64)[None, :] * width + cols_p[:, None], signed, mask=valid)
 
 
-# ---------------------------------------------------------------- launch 3: backward
+# ---------------------------------------------------------------- backward
 @triton.jit
 def _c_times_gram(c_ptr, gram_ptr, rows64, row_live, p0, width, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -391,12 +357,15 @@ def _grad_store(
 
 @triton.jit
 def _head_grad_kernel(
-    c_ptr, gram_ptr, labels_ptr, row_ptr, coef_t_ptr, coef_m_ptr, grad_out_ptr, d_ptr, gt_ptr, gm_ptr,
+    c_ptr, gram_ptr, labels_ptr, row_ptr, class_ptr, grad_out_ptr, d_ptr, gt_ptr, gm_ptr,
     n, num_t, width, scale_hi, scale_lo, alpha_hi, alpha_lo, beta_hi, beta_lo,
     gtn, gtk, gmn, gmk,
     NORMALIZE: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
+    """The backward launch: dz of both heads for a block of rows (class_ptr as in _head_finish_kernel)."""
+    coef_t_ptr = class_ptr + 2 * width
+    coef_m_ptr = coef_t_ptr + num_t
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_live = rows < n
     rows64 = rows.to(tl.int64)[:, None]
@@ -445,142 +414,168 @@ def _head_grad_kernel(
 
 
 # ---------------------------------------------------------------- host side
-_ARRIVALS: dict = {}
+@dataclass(frozen=True)
+class HeadObjectiveOptions:
+    """Everything a fused step depends on besides the logits; checked and normalised when built.
 
-
-def _arrival_counter(device: torch.device) -> torch.Tensor:
-    """The wide path's arrival counter: int32, zeroed once, cached per device and CUDA stream.
-
-    Each Gram-tile launch counts up to its number of programs and its last program sets it back to 0,
-    so later calls launch nothing to reset it. Launches that share a counter must not overlap: one
-    counter per stream does that for stream-ordered calls, including calls on several streams of one
-    device. Not tried under CUDA graph capture.
+    ``mode`` "mini" (M > K) or "maxi"; class weights from the argmaxes of view ``weight_view``
+    ("prediction": x1, the authors' code; "pseudo": x2, the paper); L_r normalised by
+    ``target_normalize``; L_m class-balanced when ``aux_balance``; cosine similarities in L_s when
+    ``normalize_rows``.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (str(device), stream)
-    counter = _ARRIVALS.get(key)
-    if counter is None:
-        counter = _ARRIVALS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+
+    tau: float
+    delta: float
+    alpha: float
+    beta: float
+    mode: str = "mini"
+    weight_view: str = "prediction"
+    target_normalize: str = "weight_sum"
+    aux_balance: bool = True
+    normalize_rows: bool = True
+
+    def __post_init__(self):
+        if self.mode not in WEIGHT_MODES:
+            raise ValueError(f"head_objective: mode must be one of {WEIGHT_MODES}, got {self.mode!r}")
+        if self.weight_view not in WEIGHT_VIEWS:
+            raise ValueError(f"head_objective: weight_view must be one of {WEIGHT_VIEWS}, got {self.weight_view!r}")
+        if self.target_normalize not in NORMALIZATIONS:
+            raise ValueError(f"head_objective: target_normalize must be one of {NORMALIZATIONS}")
+        for name in ("tau", "delta", "alpha", "beta"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("aux_balance", "normalize_rows"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
 
-def _plan(n: int, num_t: int, num_m: int) -> dict:
-    """Tile sizes from the problem sizes (tl.dot needs every dimension >= 16)."""
+def _gram_block(width: int) -> int:
+    """Side of the one tile that holds G when K + M fits (tl.dot needs every dimension >= 16)."""
+    return max(16, triton.next_power_of_2(width))
+
+
+def _one_tile(width: int) -> bool:
+    """Whether launch 1 writes partial Grams (no Gram-tile launch): K + M, padded, <= SMALL_WIDTH."""
+    return _gram_block(width) <= SMALL_WIDTH
+
+
+def _forward(zt1, zm1, zt2, zm2, opts: HeadObjectiveOptions):
+    """The forward launches. Returns (loss, stats, weights, counts) and the tensors ``_backward`` takes:
+    C, G', the labels, the per-row and the per-class scratch."""
+    n, num_t = zt1.shape
+    num_m = zm1.shape[1]
     width = num_t + num_m
-    block_w = max(16, triton.next_power_of_2(width))
-    small = block_w <= SMALL_WIDTH
+    device = zt1.device
+    acc_dtype = accum_dtype(zt1, zm1, zt2, zm2)
+    acc = tl_dtype(acc_dtype)
+    block_w = _gram_block(width)
+    one_tile = _one_tile(width)
+    gram_tiles = triton.cdiv(width, GRAM_TILE)
+    # Launch 1's tiles: head chunks, and rows per program for tiles of about 4096 values (fewer
+    # partial Grams when they are big).
     block_t = min(triton.next_power_of_2(num_t), CHUNK)
     block_m = min(triton.next_power_of_2(num_m), CHUNK)
-    widest = max(block_t, block_m, block_w if small else 0)
-    # Rows per program: tiles of about 4096 values, fewer partial Grams when they are big.
-    rows = max(16, min(4096 // widest, 128 if block_w <= 64 else 64, triton.next_power_of_2(n)))
-    weight_lines, weight_chunk = _tiles(num_m, num_t)  # mini: lines are columns
-    maxi_lines, maxi_chunk = _tiles(num_t, num_m)
-    plan = dict(
-        width=width, small=small, block_w=block_w, block_t=block_t, block_m=block_m, rows=rows,
-        programs=triton.cdiv(n, rows), block=min(1024, max(16, triton.next_power_of_2(max(n, num_t * num_m, 2 * width)))),
-        block_cls=min(1024, triton.next_power_of_2(max(num_t, num_m))),
-        mini_tiles=(weight_chunk, weight_lines), maxi_tiles=(maxi_lines, maxi_chunk),
+    widest = max(block_t, block_m, block_w if one_tile else 0)
+    block_r = max(16, min(4096 // widest, 128 if block_w <= 64 else 64, triton.next_power_of_2(n)))
+    row_programs = triton.cdiv(n, block_r)
+    num_parts = row_programs if one_tile else gram_tiles * gram_tiles
+
+    # Outputs, then scratch (never zeroed on the host: the kernels write everything they read).
+    loss = torch.empty((), dtype=acc_dtype, device=device)
+    stats = torch.empty(5, dtype=acc_dtype, device=device)
+    weights = torch.empty(num_t, dtype=torch.float32, device=device)
+    counts = torch.empty(num_t, num_m, dtype=torch.long, device=device)
+    c = torch.empty(n, width, dtype=acc_dtype, device=device)
+    gram = torch.empty(width, width, dtype=acc_dtype, device=device)
+    labels = torch.empty(4, n, dtype=torch.int32, device=device)
+    per_row = torch.empty(4, n, dtype=acc_dtype, device=device)
+    per_class = torch.empty(3 * width, dtype=acc_dtype, device=device)  # sums (2 K + 2 M), coef (K + M)
+    owned = torch.empty(num_t, dtype=torch.int32, device=device)
+    part = torch.empty(num_parts * (block_w * block_w if one_tile else 1), dtype=acc_dtype, device=device)
+
+    launch(
+        _head_rows_kernel, (row_programs,),
+        zt1_ptr=zt1, zm1_ptr=zm1, zt2_ptr=zt2, zm2_ptr=zm2, tau_ptr=scalar(opts.tau, acc_dtype, device),
+        c_ptr=c, labels_ptr=labels, row_ptr=per_row, part_ptr=part, n=n, num_t=num_t, num_m=num_m,
+        st1n=zt1.stride(0), st1k=zt1.stride(1), sm1n=zm1.stride(0), sm1k=zm1.stride(1),
+        st2n=zt2.stride(0), st2k=zt2.stride(1), sm2n=zm2.stride(0), sm2k=zm2.stride(1),
+        PRED_VIEW=opts.weight_view == "prediction", NORMALIZE=opts.normalize_rows, SMALL=one_tile, ACC=acc,
+        EPS=_EPS, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_W=block_w,
+        num_warps=warps_for(block_r * widest),
     )
-    if small:
-        plan.update(grad_rows=max(16, min(64 if block_w <= 64 else 32, triton.next_power_of_2(n))), grad_p=block_w,
-                    grad_q=min(32, block_w))
-    else:
-        gram_tiles = triton.cdiv(width, GRAM_TILE)
-        plan.update(gram_tiles=gram_tiles, grad_rows=max(16, min(32, triton.next_power_of_2(n))), grad_p=GRAD_TILE_P,
-                    grad_q=GRAD_TILE_Q)
-    return plan
-
-
-class _HeadObjective(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, zt1, zm1, zt2, zm2, opts):
-        tau, delta, alpha, beta, mini, pred_view, by_weight, balance, normalize = opts
-        n, num_t = zt1.shape
-        num_m = zm1.shape[1]
-        device = zt1.device
-        acc_dtype = accum_dtype(zt1, zm1, zt2, zm2)
-        acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-        plan = _plan(n, num_t, num_m)
-        width, block_w, small = plan["width"], plan["block_w"], plan["small"]
-        # Outputs, then scratch (never zeroed on the host: the kernels write everything they read).
-        loss = torch.empty((), dtype=acc_dtype, device=device)
-        stats = torch.empty(5, dtype=acc_dtype, device=device)
-        weights = torch.empty(num_t, dtype=torch.float32, device=device)
-        counts = torch.empty(num_t, num_m, dtype=torch.long, device=device)
-        c = torch.empty(n, width, dtype=acc_dtype, device=device)
-        gram = torch.empty(width, width, dtype=acc_dtype, device=device)
-        labels = torch.empty(4, n, dtype=torch.int32, device=device)
-        per_row = torch.empty(4, n, dtype=acc_dtype, device=device)
-        owned = torch.empty(num_t, dtype=torch.int32, device=device)
-        # sums (2 K + 2 M), then coefficients (K, M)
-        per_class = torch.empty(3 * width, dtype=acc_dtype, device=device)
-        coef_t = per_class[2 * width:2 * width + num_t]
-        coef_m = per_class[2 * width + num_t:]
-        num_parts = plan["programs"] if small else plan["gram_tiles"] ** 2
-        part = torch.empty(num_parts * (block_w * block_w if small else 1), dtype=acc_dtype, device=device)
+    if not one_tile:
         launch(
-            _head_rows_kernel, (plan["programs"],),
-            zt1, zm1, zt2, zm2, scalar(tau, acc_dtype, device), c, labels, per_row, part, n, num_t, num_m,
-            zt1.stride(0), zt1.stride(1), zm1.stride(0), zm1.stride(1),
-            zt2.stride(0), zt2.stride(1), zm2.stride(0), zm2.stride(1),
-            PRED_VIEW=pred_view, NORMALIZE=normalize, SMALL=small, ACC=acc, EPS=_EPS,
-            BLOCK_R=plan["rows"], BLOCK_T=plan["block_t"], BLOCK_M=plan["block_m"], BLOCK_W=block_w,
-            num_warps=warps_for(plan["rows"] * max(plan["block_t"], plan["block_m"], block_w if small else 0)),
+            _head_gram_kernel, (gram_tiles, gram_tiles),
+            c_ptr=c, gram_ptr=gram, part_ptr=part, n=n, num_t=num_t, width=width,
+            ACC=acc, BLOCK_N=32, BLOCK_C=GRAM_TILE, num_warps=4,
         )
-        block_k, block_j = plan["mini_tiles"] if mini else plan["maxi_tiles"]
-        finish_args = (
-            n, num_t, num_m, *split_f64(1.0 / float(n * n)), *split_f64(alpha), *split_f64(beta),
-        )
-        finish_meta = dict(
-            MINI=mini, BY_WEIGHT=by_weight, BALANCE=balance, ACC=acc, BLOCK=plan["block"],
-            BLOCK_CLS=plan["block_cls"], BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_P=min(1024, triton.next_power_of_2(num_parts)),
-        )
-        delta_t = scalar(delta, torch.float64, device)
-        if small:
-            launch(
-                _head_finish_kernel, (1,),
-                labels, per_row, counts, owned, weights, delta_t, per_class, coef_t, coef_m, part, num_parts,
-                gram, stats, loss, *finish_args, SMALL=True, BLOCK_W=block_w, **finish_meta,
-                num_warps=8 if block_w > 64 else 4,
-            )
-        else:
-            tiles = plan["gram_tiles"]
-            arrived = _arrival_counter(device)
-            try:
-                launch(
-                    _head_gram_kernel, (tiles, tiles),
-                    c, gram, part, arrived, labels, per_row, counts, owned, weights, delta_t, per_class, coef_t,
-                    coef_m, stats, loss, *finish_args, BLOCK_N=32, BLOCK_C=GRAM_TILE, **finish_meta, num_warps=4,
-                )
-            except BaseException:  # a launch stopped part-way (the interpreter) may have left counts
-                arrived.zero_()
-                raise
-        ctx.save_for_backward(c, gram, labels, per_row, coef_t, coef_m)
-        ctx.meta = (zt1.shape, zt1.dtype, zm1.shape, zm1.dtype, alpha, beta, normalize, plan)
+    mini = opts.mode == "mini"
+    if mini:  # weight tiles: a line is a column of counts, else a row
+        block_j, block_k = _tiles(num_m, num_t)
+    else:
+        block_k, block_j = _tiles(num_t, num_m)
+    inv_n2 = split_f64(1.0 / float(n * n))
+    alpha = split_f64(opts.alpha)
+    beta = split_f64(opts.beta)
+    launch(
+        _head_finish_kernel, (1,),
+        labels_ptr=labels, row_ptr=per_row, counts_ptr=counts, owned_ptr=owned, weight_ptr=weights,
+        delta_ptr=scalar(opts.delta, torch.float64, device), class_ptr=per_class, part_ptr=part,
+        num_parts=num_parts, gram_ptr=gram, stats_ptr=stats, loss_ptr=loss, n=n, num_t=num_t, num_m=num_m,
+        inv_n2_hi=inv_n2[0], inv_n2_lo=inv_n2[1], alpha_hi=alpha[0], alpha_lo=alpha[1],
+        beta_hi=beta[0], beta_lo=beta[1],
+        MINI=mini, SMALL=one_tile, BY_WEIGHT=opts.target_normalize == "weight_sum", BALANCE=opts.aux_balance,
+        ACC=acc, BLOCK=min(1024, max(16, triton.next_power_of_2(max(n, num_t * num_m, 2 * width)))),
+        BLOCK_CLS=min(1024, triton.next_power_of_2(max(num_t, num_m))), BLOCK_K=block_k, BLOCK_J=block_j,
+        BLOCK_W=block_w, BLOCK_P=min(1024, triton.next_power_of_2(num_parts)),
+        num_warps=8 if one_tile and block_w > 64 else 4,
+    )
+    return (loss, stats, weights, counts), (c, gram, labels, per_row, per_class)
+
+
+def _backward(grad_loss, c, gram, labels, per_row, per_class, num_t: int, grad_dtypes, opts: HeadObjectiveOptions):
+    """The backward launch: gradients of the loss w.r.t. the prediction-view logits of both heads."""
+    n, width = c.shape
+    one_tile = _one_tile(width)
+    grad_t = torch.empty(n, num_t, dtype=grad_dtypes[0], device=c.device)
+    grad_m = torch.empty(n, width - num_t, dtype=grad_dtypes[1], device=c.device)
+    d = c if one_tile else torch.empty_like(c)  # the wide path keeps D = dL_s/dC there
+    if one_tile:  # whole rows of C in one tile
+        block_w = _gram_block(width)
+        block_r = max(16, min(64 if block_w <= 64 else 32, triton.next_power_of_2(n)))
+        block_p, block_q = block_w, min(32, block_w)
+    else:
+        block_r = max(16, min(32, triton.next_power_of_2(n)))
+        block_p, block_q = GRAD_TILE_P, GRAD_TILE_Q
+    scale = split_f64(4.0 / float(n * n))
+    alpha = split_f64(opts.alpha)
+    beta = split_f64(opts.beta)
+    launch(
+        _head_grad_kernel, (triton.cdiv(n, block_r),),
+        c_ptr=c, gram_ptr=gram, labels_ptr=labels, row_ptr=per_row, class_ptr=per_class,
+        grad_out_ptr=grad_loss.detach().to(c.dtype).contiguous(), d_ptr=d, gt_ptr=grad_t, gm_ptr=grad_m,
+        n=n, num_t=num_t, width=width, scale_hi=scale[0], scale_lo=scale[1], alpha_hi=alpha[0],
+        alpha_lo=alpha[1], beta_hi=beta[0], beta_lo=beta[1],
+        gtn=grad_t.stride(0), gtk=grad_t.stride(1), gmn=grad_m.stride(0), gmk=grad_m.stride(1),
+        NORMALIZE=opts.normalize_rows, WHOLE=one_tile, ACC=tl_dtype(c.dtype),
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=warps_for(block_r * block_p),
+    )
+    return grad_t, grad_m
+
+
+class _HeadObjectiveFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zt1, zm1, zt2, zm2, opts: HeadObjectiveOptions):
+        (loss, stats, weights, counts), saved = _forward(zt1, zm1, zt2, zm2, opts)
+        ctx.save_for_backward(*saved)
+        ctx.opts = opts
+        ctx.num_t = zt1.shape[1]
+        ctx.grad_dtypes = (zt1.dtype, zm1.dtype)
         ctx.mark_non_differentiable(stats, weights, counts)
         return loss, stats, weights, counts
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _stats, _weights, _counts):
-        c, gram, labels, per_row, coef_t, coef_m = ctx.saved_tensors
-        shape_t, dtype_t, shape_m, dtype_m, alpha, beta, normalize, plan = ctx.meta
-        n, num_t = shape_t
-        width = plan["width"]
-        grad_t = torch.empty(shape_t, dtype=dtype_t, device=c.device)
-        grad_m = torch.empty(shape_m, dtype=dtype_m, device=c.device)
-        d = c if plan["small"] else torch.empty_like(c)  # the wide path keeps D = dL_s/dC there
-        rows = plan["grad_rows"]
-        launch(
-            _head_grad_kernel, (triton.cdiv(n, rows),),
-            c, gram, labels, per_row, coef_t, coef_m, grad_loss.detach().to(c.dtype).contiguous(), d,
-            grad_t, grad_m, n, num_t, width, *split_f64(4.0 / float(n * n)), *split_f64(alpha),
-            *split_f64(beta), grad_t.stride(0), grad_t.stride(1), grad_m.stride(0), grad_m.stride(1),
-            NORMALIZE=normalize, WHOLE=plan["small"], ACC=tl.float64 if c.dtype == torch.float64 else tl.float32,
-            BLOCK_R=rows, BLOCK_P=plan["grad_p"], BLOCK_Q=plan["grad_q"],
-            num_warps=warps_for(rows * plan["grad_p"]),
-        )
+        grad_t, grad_m = _backward(grad_loss, *ctx.saved_tensors, ctx.num_t, ctx.grad_dtypes, ctx.opts)
         return grad_t, grad_m, None, None, None
 
 
@@ -618,20 +613,15 @@ def head_objective(
     """The MiniClustering / MaxiClustering objective of one batch (cross-entropy L_r), fused.
 
     Equals ``HeadGuided.batch_loss`` over ``mcscale.objectives`` with ``loss="ce"`` and
-    ``weight_estimate="batch"``: weights from the argmaxes of view ``weight_view`` ("prediction":
-    x1, the authors' code; "pseudo": x2, the paper), ``mode`` "mini" (M > K) or "maxi";
-    L_r normalised by ``target_normalize``; L_m class-balanced when ``aux_balance``; cosine
-    similarities in L_s when ``normalize_rows``. An empty confident set makes its term a zero
-    with zero gradient (the caller decides whether to skip the batch, from ``values()``).
-    ``logits_t2`` and ``logits_m2`` get no gradient. Three Triton launches per step at every size;
-    see the module docstring.
+    ``weight_estimate="batch"``; the keyword arguments are those of ``HeadObjectiveOptions``. An
+    empty confident set makes its term a zero with zero gradient (the caller decides whether to skip
+    the batch, from ``values()``). ``logits_t2`` and ``logits_m2`` get no gradient. Three Triton
+    launches per step when K + M <= 128, four when wider; see the module docstring.
     """
-    if mode not in WEIGHT_MODES:
-        raise ValueError(f"head_objective: mode must be one of {WEIGHT_MODES}, got {mode!r}")
-    if weight_view not in WEIGHT_VIEWS:
-        raise ValueError(f"head_objective: weight_view must be one of {WEIGHT_VIEWS}, got {weight_view!r}")
-    if target_normalize not in NORMALIZATIONS:
-        raise ValueError(f"head_objective: target_normalize must be one of {NORMALIZATIONS}")
+    opts = HeadObjectiveOptions(
+        tau=tau, delta=delta, alpha=alpha, beta=beta, mode=mode, weight_view=weight_view,
+        target_normalize=target_normalize, aux_balance=aux_balance, normalize_rows=normalize_rows,
+    )
     shapes = [tuple(t.shape) for t in (logits_t1, logits_m1, logits_t2, logits_m2)]
     if any(len(s) != 2 for s in shapes) or shapes[0] != shapes[2] or shapes[1] != shapes[3] \
             or shapes[0][0] != shapes[1][0]:
@@ -639,9 +629,7 @@ def head_objective(
     if shapes[0][0] == 0 or shapes[0][1] == 0 or shapes[1][1] == 0:
         raise ValueError(f"head_objective: empty batch or head, got {shapes}")
     check_launchable("head_objective", logits_t1, logits_m1, logits_t2, logits_m2)
-    opts = (float(tau), float(delta), float(alpha), float(beta), mode == "mini", weight_view == "prediction",
-            target_normalize == "weight_sum", bool(aux_balance), bool(normalize_rows))
-    loss, stats, weights, counts = _HeadObjective.apply(
+    loss, stats, weights, counts = _HeadObjectiveFunction.apply(
         logits_t1, logits_m1, logits_t2.detach(), logits_m2.detach(), opts
     )
     return HeadObjective(loss, stats, weights, counts)
