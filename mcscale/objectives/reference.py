@@ -1,8 +1,11 @@
-"""The per-batch objectives of MiniClustering / MaxiClustering as pure tensor functions.
+"""The per-batch objectives of the methods as pure tensor functions, in one process.
 
-Every formula here is the readable reference of ``shared/METHOD.md`` (sections 3 and 4); the Triton
-kernels in ``mcscale.kernels`` are checked against these. No globals, no device moves: each function
-works on whatever device the inputs live on and reduces in float32 or better.
+Every formula here is the readable reference of ``shared/METHOD.md`` (sections 3, 4 and 7); the Triton
+kernels in ``mcscale.kernels`` and the multi-rank versions in ``global_batch`` are checked against
+these, and ``global_batch`` builds on the helpers below (``accum_dtype``, ``confident_labels``,
+``grams`` / ``gram_loss``, ``balanced_factors``, ``long_tail_inputs``, ``soft_ce_terms``). No globals,
+no device moves: each function works on whatever device the inputs live on and reduces in float32 or
+better.
 """
 
 from __future__ import annotations
@@ -10,17 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mcscale.p2ot import p2ot_plan, rho_schedule  # P2OT pseudo-labels (METHOD section 7)
+from mcscale.objectives.p2ot import p2ot_plan
 
 __all__ = [
-    "p2ot_plan",
-    "rho_schedule",
     "contingency",
     "class_weights",
     "confident_cross_entropy",
     "similarity_alignment",
     "long_tail_cross_entropy",
     "effective_counts",
+    "soft_cross_entropy",
+    "p2ot_targets",
 ]
 
 WEIGHT_MODES = ("mini", "maxi")
@@ -28,7 +31,7 @@ NORMALIZATIONS = ("weight_sum", "count")
 LONG_TAIL_VARIANTS = ("cb", "balms", "eql")
 
 
-def _accum_dtype(x: torch.Tensor) -> torch.dtype:
+def accum_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64; every lower precision is reduced in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -69,18 +72,19 @@ def class_weights(counts: torch.Tensor, delta: float, mode: str = "mini") -> tor
     return (num_aux / floored) if mode == "mini" else floored
 
 
-def _confident_pseudo_labels(pseudo_logits: torch.Tensor, tau: float):
+def confident_labels(pseudo_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The confident set of the pseudo-label view, no gradient: (mask max p > tau (strict), argmax labels)."""
     with torch.no_grad():
-        probs = torch.softmax(pseudo_logits.detach().to(_accum_dtype(pseudo_logits)), dim=1)
+        probs = torch.softmax(pseudo_logits.detach().to(accum_dtype(pseudo_logits)), dim=1)
         confidence, labels = probs.max(dim=1)
         return confidence > tau, labels
 
 
-def _balanced_weights(labels: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Weight |S| / #{i in S : y_i = c} for each selected sample (class-balanced CE)."""
-    per_class = torch.bincount(labels[mask], minlength=num_classes).to(torch.float32)
-    num_selected = mask.sum().to(torch.float32)
-    return num_selected / per_class.clamp_min(1.0)
+def balanced_factors(per_class: torch.Tensor) -> torch.Tensor:
+    """The class-balanced factor |S| / n_c of each class c from the counts n_c of the confident set S
+    (float32: the sum of the integer counts is exact there)."""
+    per_class = per_class.to(torch.float32)
+    return per_class.sum() / per_class.clamp_min(1.0)
 
 
 def confident_cross_entropy(
@@ -101,9 +105,9 @@ def confident_cross_entropy(
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"confident_cross_entropy: normalize must be one of {NORMALIZATIONS}")
-    mask, labels = _confident_pseudo_labels(pseudo_logits, tau)
+    mask, labels = confident_labels(pseudo_logits, tau)
     num_selected = int(mask.sum())
-    dtype = _accum_dtype(logits)
+    dtype = accum_dtype(logits)
     if num_selected == 0:
         return logits.sum() * 0.0, 0
     num_classes = logits.shape[1]
@@ -111,7 +115,8 @@ def confident_cross_entropy(
     if class_weight is not None:
         weights = weights * class_weight.detach().to(dtype)[labels]
     if balance:
-        weights = weights * _balanced_weights(labels, mask, num_classes).to(dtype)[labels]
+        per_class = torch.bincount(labels[mask], minlength=num_classes)
+        weights = weights * balanced_factors(per_class).to(dtype)[labels]
     log_probs = F.log_softmax(logits.to(dtype), dim=1)
     nll = -log_probs.gather(1, labels[:, None]).squeeze(1)
     weights = weights * mask.to(dtype)
@@ -120,11 +125,23 @@ def confident_cross_entropy(
     return total / denom, num_selected
 
 
-def _gram_terms(probs_t: torch.Tensor, probs_m: torch.Tensor):
-    gt = probs_t.T @ probs_t
-    gm = probs_m.T @ probs_m
-    gx = probs_t.T @ probs_m
+def grams(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A^T A, B^T B and A^T B: the K x K, M x M and K x M Gram matrices of L_s."""
+    return a.T @ a, b.T @ b, a.T @ b
+
+
+def gram_loss(gt: torch.Tensor, gm: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """sum (A A^T - B B^T)^2 = ||A^T A||^2 + ||B^T B||^2 - 2 ||A^T B||^2 (no N x N matrix)."""
     return (gt * gt).sum() + (gm * gm).sum() - 2.0 * (gx * gx).sum()
+
+
+def alignment_inputs(probs_t: torch.Tensor, probs_m: torch.Tensor, normalize_rows: bool):
+    """Both heads' probabilities in the accumulation dtype, rows L2-normalised when asked."""
+    dtype = accum_dtype(probs_t)
+    a, b = probs_t.to(dtype), probs_m.to(dtype)
+    if normalize_rows:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return a, b
 
 
 def similarity_alignment(
@@ -138,15 +155,10 @@ def similarity_alignment(
     """
     if probs_t.shape[0] != probs_m.shape[0]:
         raise ValueError("similarity_alignment: both heads need the same number of rows")
-    dtype = _accum_dtype(probs_t)
-    a = probs_t.to(dtype)
-    b = probs_m.to(dtype)
-    if normalize_rows:
-        a = F.normalize(a, dim=1)
-        b = F.normalize(b, dim=1)
+    a, b = alignment_inputs(probs_t, probs_m, normalize_rows)
     n = a.shape[0]
     if method == "gram":
-        total = _gram_terms(a, b)
+        total = gram_loss(*grams(a, b))
     elif method == "dense":
         total = ((a @ a.T - b @ b.T) ** 2).sum()
     else:
@@ -184,9 +196,7 @@ def long_tail_cross_entropy(
     """
     if variant not in LONG_TAIL_VARIANTS:
         raise ValueError(f"long_tail_cross_entropy: variant must be one of {LONG_TAIL_VARIANTS}")
-    dtype = _accum_dtype(logits)
-    z = logits.to(dtype)
-    n = mini_counts.detach().to(dtype).clamp_min(1e-12)
+    z, n = long_tail_inputs(logits, mini_counts)
     if mask is None:
         mask = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     if int(mask.sum()) == 0:
@@ -195,6 +205,12 @@ def long_tail_cross_entropy(
     if weights is None:
         return per_sample.mean()
     return (weights * per_sample).sum() / weights.sum()
+
+
+def long_tail_inputs(logits: torch.Tensor, mini_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, n): the logits in the accumulation dtype and the counts n_k clamped to 1e-12, in z's dtype."""
+    z = logits.to(accum_dtype(logits))
+    return z, mini_counts.detach().to(device=z.device, dtype=z.dtype).clamp_min(1e-12)
 
 
 def long_tail_terms(z, y, n, variant: str, gamma: float, num_aux: int | None):
@@ -208,3 +224,32 @@ def long_tail_terms(z, y, n, variant: str, gamma: float, num_aux: int | None):
     scale = n.max() if num_aux is None else torch.as_tensor(float(num_aux), dtype=z.dtype)
     log_p_y = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z + torch.log(scale / n), dim=1)
     return -log_p_y, None
+
+
+# ---------------------------------------------------------------- P2OT (METHOD section 7)
+def soft_ce_terms(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None):
+    """Per-sample soft-target cross-entropy -sum_k q_ik log p_ik (float32) and the per-sample weights
+    weights[argmax q_i] (None without ``weights``: a plain mean)."""
+    per_sample = -(target * F.log_softmax(logits.float(), dim=1)).sum(1)
+    return per_sample, None if weights is None else weights[target.argmax(1)]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """P2OT's loss: the mean soft-target cross-entropy of ``logits`` on the plan rows ``target``, or
+    with per-cluster ``weights`` the weighted mean with w_i = weights[argmax target_i]."""
+    per_sample, w = soft_ce_terms(logits, target, weights)
+    if w is None:
+        return per_sample.mean()
+    return (w * per_sample).sum() / w.sum()
+
+
+def p2ot_targets(logits: torch.Tensor, rho: float, buffer: torch.Tensor | None = None, **solver_options):
+    """The P2OT plan rows of the batch ``logits`` (detached float), solved over [buffer; batch].
+
+    Returns ``(rows, state)``: ``state`` is ``p2ot_plan``'s plus ``"global_logits"``, the batch to push
+    into the FIFO buffer (here the batch itself; ``global_batch.global_p2ot_plan`` gathers it).
+    ``solver_options`` go to ``p2ot_plan``.
+    """
+    pool = logits if buffer is None else torch.cat([buffer.to(logits.device), logits])
+    plan, state = p2ot_plan(pool, rho, **solver_options)
+    return plan[-logits.shape[0]:], {**state, "global_logits": logits}

@@ -34,25 +34,32 @@ Tensors must live where the backend expects them (CPU for gloo, the rank's GPU f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from mcscale import objectives as obj
-from mcscale.p2ot import p2ot_plan
+from mcscale.objectives import reference as ref
+from mcscale.objectives.ops import Ops
+from mcscale.objectives.reference import (
+    accum_dtype,
+    alignment_inputs,
+    balanced_factors,
+    confident_labels,
+    gram_loss,
+    grams,
+    long_tail_inputs,
+    soft_ce_terms,
+)
+from mcscale.parallel import (
+    CommCounter,
+    _gather_rows,
+    _gather_sizes,
+    _offset,
+    _splice,
+    all_reduce_sum,
+    world_size,
+)
 
 __all__ = [
-    "CommCounter",
-    "COMM",
-    "world_size",
-    "rank",
-    "all_reduce_sum",
-    "all_gather_cat",
-    "all_gather_with_grad",
-    "shard_rows",
-    "shard_batch",
     "global_contingency",
     "global_confident_cross_entropy",
     "similarity_messages",
@@ -64,140 +71,13 @@ __all__ = [
     "GlobalOps",
 ]
 
+
 SIMILARITY_METHODS = ("auto", "gram", "gather")
-
-
-# ---------------------------------------------------------------- accounting
-@dataclass
-class CommCounter:
-    """Bytes (and number) of the collectives issued since the last ``take``/``reset``."""
-
-    bytes: int = 0
-    calls: int = 0
-
-    def record(self, tensor: torch.Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
-        self.calls += 1
-
-    def take(self) -> int:
-        """The bytes since the last take, then zero: call once per step for a per-step figure."""
-        nbytes = self.bytes
-        self.reset()
-        return nbytes
-
-    def reset(self) -> None:
-        self.bytes = 0
-        self.calls = 0
-
-
-COMM = CommCounter()
-
-
-def _counter(counter: CommCounter | None) -> CommCounter:
-    return COMM if counter is None else counter
-
-
-# ---------------------------------------------------------------- process group and collectives
-def _initialised() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if _initialised() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if _initialised() else 0
 
 
 def _grad_scale(grad_scale: float | None) -> float:
     """W by default: DDP averages gradients over the W ranks (see the module docstring)."""
     return float(world_size()) if grad_scale is None else float(grad_scale)
-
-
-def all_reduce_sum(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    """A new, detached tensor holding the sum of ``t`` over all ranks (a copy at world size 1)."""
-    out = t.detach().clone()
-    if world_size() == 1:
-        return out
-    _counter(counter).record(out)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def _gather_sizes(rows: int, device: torch.device, counter: CommCounter | None) -> list[int]:
-    """Every rank's row count, in rank order (identical on every rank)."""
-    if world_size() == 1:
-        return [rows]
-    local = torch.tensor([rows], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(local) for _ in range(world_size())]
-    _counter(counter).record(local)
-    dist.all_gather(sizes, local)
-    return [int(s) for s in sizes]
-
-
-def _gather_rows(t: torch.Tensor, sizes: list[int], counter: CommCounter | None) -> torch.Tensor:
-    """Concatenation of every rank's rows (detached); all_gather needs equal shapes, so pad to the max."""
-    local = t.detach()
-    if world_size() == 1:
-        return local
-    longest = max(sizes)
-    if longest == 0:  # every rank agrees on this (same sizes): skip the empty collective
-        return local
-    pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
-    send = torch.cat([local, pad]).contiguous()
-    parts = [torch.empty_like(send) for _ in sizes]
-    _counter(counter).record(send)
-    dist.all_gather(parts, send)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def _offset(sizes: list[int]) -> int:
-    """Index of this rank's first row in the gathered (rank-ordered) matrix."""
-    return sum(sizes[: rank()])
-
-
-def all_gather_cat(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    """Rows of every rank concatenated in rank order (detached); ranks may hold different row counts.
-
-    Two collectives: the row counts (8 bytes per rank), then the rows padded to the longest rank.
-    """
-    return _gather_rows(t, _gather_sizes(t.shape[0], t.device, counter), counter)
-
-
-def _splice(full: torch.Tensor, local: torch.Tensor, start: int) -> torch.Tensor:
-    """``full`` with rows [start, start + len(local)) replaced by ``local`` (which keeps its graph)."""
-    return torch.cat([full[:start], local, full[start + local.shape[0]:]])
-
-
-def all_gather_with_grad(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    """``all_gather_cat`` whose local rows stay connected to ``t``'s graph (no backward collective).
-
-    Meant for a loss that every rank evaluates identically on the gathered matrix: its gradient with
-    respect to the local rows is then exactly the global loss's gradient for those rows (scale it by
-    W for DDP, as the losses here do). The other ranks' rows are constants here.
-    """
-    sizes = _gather_sizes(t.shape[0], t.device, counter)
-    return _splice(_gather_rows(t, sizes, counter), t, _offset(sizes))
-
-
-def shard_rows(batch: int, rank: int, world: int) -> slice:
-    """Rows [rank * B/W, (rank + 1) * B/W) of a global batch of ``batch`` rows: rank ``rank``'s share."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"shard_batch: need 0 <= rank < world, got rank {rank} and world {world}")
-    if batch % world:
-        raise ValueError(
-            f"shard_batch: global batch size {batch} is not divisible by the world size {world}; "
-            f"use a batch size that is a multiple of {world}"
-        )
-    per_rank = batch // world
-    return slice(rank * per_rank, (rank + 1) * per_rank)
-
-
-def shard_batch(index_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """The contiguous slice of a global batch (e.g. sample indices of one global permutation) that
-    rank ``rank`` of ``world`` holds (``shard_rows``)."""
-    return index_tensor[shard_rows(index_tensor.shape[0], rank, world)]
 
 
 def _ddp_loss(local_part: torch.Tensor, global_value: torch.Tensor, grad_scale: float) -> torch.Tensor:
@@ -209,11 +89,6 @@ def _ddp_loss(local_part: torch.Tensor, global_value: torch.Tensor, grad_scale: 
     return scaled - scaled.detach() + global_value.detach().to(scaled.dtype)
 
 
-def _accum_dtype(x: torch.Tensor) -> torch.dtype:
-    """As in mcscale.objectives: float64 stays float64, lower precisions reduce in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------- contingency (METHOD section 3)
 def global_contingency(
     target_labels: torch.Tensor,
@@ -221,33 +96,24 @@ def global_contingency(
     num_target: int,
     num_aux: int,
     counter: CommCounter | None = None,
-    local_ops=obj,
+    local_contingency=ref.contingency,
 ) -> torch.Tensor:
-    """The K x M counts of the global batch: local counts (``local_ops.contingency``: the reference or
+    """The K x M counts of the global batch: local counts (``local_contingency``: the reference or
     the Triton kernel) summed over ranks (int64, K M 8 bytes).
 
     Sum before ``class_weights``: the weights are a nonlinear function of the counts.
     """
-    return all_reduce_sum(local_ops.contingency(target_labels, aux_labels, num_target, num_aux), counter)
+    return all_reduce_sum(local_contingency(target_labels, aux_labels, num_target, num_aux), counter)
 
 
 # ---------------------------------------------------------------- L_r / L_m (METHOD section 4)
-def _confident(pseudo_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask max p > tau (strict) and argmax labels, as objectives.confident_cross_entropy."""
-    with torch.no_grad():
-        probs = torch.softmax(pseudo_logits.detach().to(_accum_dtype(pseudo_logits)), dim=1)
-        confidence, labels = probs.max(dim=1)
-        return confidence > tau, labels
-
-
 def _class_factors(counts: torch.Tensor, class_weight, balance: bool, dtype, device) -> torch.Tensor:
     """Per-class weight w_c (times the balanced factor |S| / n_c of the GLOBAL confident set)."""
     factors = torch.ones(counts.shape[0], dtype=dtype, device=device)
     if class_weight is not None:
         factors = factors * class_weight.detach().to(device=device, dtype=dtype)
     if balance:  # float32, as the reference computes it
-        per_class = counts.to(torch.float32)
-        factors = factors * (per_class.sum() / per_class.clamp_min(1.0)).to(dtype)
+        factors = factors * balanced_factors(counts).to(dtype)
     return factors
 
 
@@ -269,12 +135,12 @@ def global_confident_cross_entropy(
     sum_{i in S_r} w_i nll_i / denominator carries the gradient (times ``grad_scale``, see the module
     docstring). An empty global S gives a zero connected to ``logits`` and 0.
     """
-    if normalize not in obj.NORMALIZATIONS:
-        raise ValueError(f"global_confident_cross_entropy: normalize must be one of {obj.NORMALIZATIONS}")
+    if normalize not in ref.NORMALIZATIONS:
+        raise ValueError(f"global_confident_cross_entropy: normalize must be one of {ref.NORMALIZATIONS}")
     if world_size() == 1:
-        return obj.confident_cross_entropy(logits, pseudo_logits, tau, class_weight, balance, normalize)
-    mask, labels = _confident(pseudo_logits, tau)
-    dtype, num_classes = _accum_dtype(logits), logits.shape[1]
+        return ref.confident_cross_entropy(logits, pseudo_logits, tau, class_weight, balance, normalize)
+    mask, labels = confident_labels(pseudo_logits, tau)
+    dtype, num_classes = accum_dtype(logits), logits.shape[1]
     nll = -F.log_softmax(logits.to(dtype), dim=1).gather(1, labels[:, None]).squeeze(1)
     chosen, chosen_nll = labels[mask], nll[mask]
     counts = torch.bincount(chosen, minlength=num_classes).to(torch.float64)
@@ -307,24 +173,15 @@ def choose_similarity_method(n_global: int, num_target: int, num_aux: int) -> st
     return "gather" if sizes["gather"] < sizes["gram"] else "gram"
 
 
-def _grams(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return a.T @ a, b.T @ b, a.T @ b
-
-
-def _gram_loss(gt: torch.Tensor, gm: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
-    """sum (A A^T - B B^T)^2 = ||A^T A||^2 + ||B^T B||^2 - 2 ||A^T B||^2 (no N x N matrix)."""
-    return (gt * gt).sum() + (gm * gm).sum() - 2.0 * (gx * gx).sum()
-
-
 def _alignment_by_gram(a, b, n_global: int, grad_scale: float, counter) -> torch.Tensor:
     """Sum the three Grams over ranks (one all-reduce); with G = sum_r G_r, d||G||^2 / dG_r = 2 G, so
     the local surrogate 2 (<Gt, gt> + <Gm, gm> - 2 <Gx, gx>) / N^2 has the global gradient."""
-    local = _grams(a, b)
+    local = grams(a, b)
     flat = torch.cat([g.detach().reshape(-1) for g in local])
     summed = all_reduce_sum(flat, counter).split([g.numel() for g in local])
     total = [s.view_as(g) for s, g in zip(summed, local)]
     norm = float(n_global) ** 2
-    value = _gram_loss(*total) / norm
+    value = gram_loss(*total) / norm
     gt, gm, gx = local
     linear = 2.0 * ((total[0] * gt).sum() + (total[1] * gm).sum() - 2.0 * (total[2] * gx).sum()) / norm
     return _ddp_loss(linear, value, grad_scale)
@@ -337,7 +194,7 @@ def _alignment_by_gather(a, b, sizes: list[int], grad_scale: float, counter) -> 
     full = _gather_rows(torch.cat([a, b], dim=1), sizes, counter)
     full_a = _splice(full[:, :k], a, start)
     full_b = _splice(full[:, k:], b, start)
-    loss = _gram_loss(*_grams(full_a, full_b)) / float(sum(sizes)) ** 2
+    loss = gram_loss(*grams(full_a, full_b)) / float(sum(sizes)) ** 2
     return _ddp_loss(loss, loss, grad_scale)
 
 
@@ -359,11 +216,8 @@ def global_similarity_alignment(
     if probs_t.shape[0] != probs_m.shape[0]:
         raise ValueError("global_similarity_alignment: both heads need the same number of rows")
     if world_size() == 1:
-        return obj.similarity_alignment(probs_t, probs_m, normalize_rows)
-    dtype = _accum_dtype(probs_t)
-    a, b = probs_t.to(dtype), probs_m.to(dtype)
-    if normalize_rows:
-        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        return ref.similarity_alignment(probs_t, probs_m, normalize_rows)
+    a, b = alignment_inputs(probs_t, probs_m, normalize_rows)
     sizes = _gather_sizes(a.shape[0], a.device, counter)
     n_global = sum(sizes)
     if n_global == 0:
@@ -402,16 +256,14 @@ def global_long_tail_cross_entropy(
     """``objectives.long_tail_cross_entropy`` of the global batch: CB a global weighted mean, BALMS
     and EQL a global mean over the selected rows (2 values all-reduced). ``mini_counts`` must be
     identical on every rank (derive it from ``global_contingency``)."""
-    if variant not in obj.LONG_TAIL_VARIANTS:
-        raise ValueError(f"global_long_tail_cross_entropy: variant must be one of {obj.LONG_TAIL_VARIANTS}")
+    if variant not in ref.LONG_TAIL_VARIANTS:
+        raise ValueError(f"global_long_tail_cross_entropy: variant must be one of {ref.LONG_TAIL_VARIANTS}")
     if world_size() == 1:
-        return obj.long_tail_cross_entropy(logits, targets, mini_counts, variant, gamma, mask, num_aux)
-    dtype = _accum_dtype(logits)
-    z = logits.to(dtype)
-    n = mini_counts.detach().to(device=z.device, dtype=dtype).clamp_min(1e-12)
+        return ref.long_tail_cross_entropy(logits, targets, mini_counts, variant, gamma, mask, num_aux)
+    z, n = long_tail_inputs(logits, mini_counts)
     if mask is not None:
         z, targets = z[mask], targets[mask]
-    per_sample, weights = obj.long_tail_terms(z, targets.long(), n, variant, gamma, num_aux)
+    per_sample, weights = ref.long_tail_terms(z, targets.long(), n, variant, gamma, num_aux)
     return _global_weighted_mean(per_sample, weights, logits, _grad_scale(grad_scale), counter)
 
 
@@ -422,10 +274,9 @@ def global_soft_cross_entropy(
     grad_scale: float | None = None,
     counter: CommCounter | None = None,
 ) -> torch.Tensor:
-    """P2OT's soft-target cross-entropy (``methods.P2OT.soft_ce``) over the global batch: the global
-    mean, or with per-cluster ``weights`` the weighted mean with w_i = weights[argmax target_i]."""
-    per_sample = -(target * F.log_softmax(logits.float(), dim=1)).sum(1)
-    w = None if weights is None else weights[target.argmax(1)]
+    """P2OT's soft-target cross-entropy (``reference.soft_cross_entropy``) over the global batch: the
+    global mean, or with per-cluster ``weights`` the weighted mean with w_i = weights[argmax target_i]."""
+    per_sample, w = soft_ce_terms(logits, target, weights)
     return _global_weighted_mean(per_sample, w, logits, _grad_scale(grad_scale), counter)
 
 
@@ -453,29 +304,30 @@ def global_p2ot_plan(
     cheaper and gives bit-identical plans and warm starts on every rank.
     """
     sizes = _gather_sizes(local_logits.shape[0], local_logits.device, counter)
-    current = _gather_rows(local_logits, sizes, counter)
-    pool = current if buffer is None else torch.cat([buffer.to(current.device, current.dtype), current])
-    plan, state = p2ot_plan(pool, rho, **solver_options)
-    start = pool.shape[0] - current.shape[0] + _offset(sizes)
-    return plan[start:start + local_logits.shape[0]], {**state, "global_logits": current}
+    rows, state = ref.p2ot_targets(_gather_rows(local_logits, sizes, counter), rho, buffer, **solver_options)
+    start = _offset(sizes)
+    return rows[start:start + local_logits.shape[0]], state
 
 
 # ---------------------------------------------------------------- the methods' ops, globally
-class GlobalOps:
-    """The head objectives with ``mcscale.objectives``' signatures, computed over the global batch.
+class GlobalOps(Ops):
+    """The ``Ops`` of the global batch: every quantity a method asks for, over all ranks' rows.
 
-    ``build_method`` hands this to a method instead of ``mcscale.objectives`` / ``mcscale.kernels``
-    when the world size is above 1, so the methods need no distributed code of their own. Counts use
-    the local implementation (Triton on CUDA) before their all-reduce; the losses are the global
-    functions above (PyTorch; the fused kernels are per-process).
+    ``build_method`` hands this to a method when the world size is above 1, so the methods need no
+    distributed code of their own. Counts and class weights use the local ops (Triton on CUDA) before
+    and after their all-reduce; the losses are the global functions above (PyTorch; the fused kernels
+    are per-process, so ``head_objective`` is None here).
     """
 
-    def __init__(self, local_ops=obj, similarity_method: str = "auto"):
-        self.local = local_ops
+    name = "global"
+
+    def __init__(self, local: Ops, similarity_method: str = "auto"):
+        self.local = local
         self.similarity_method = similarity_method
 
     def contingency(self, target_labels, aux_labels, num_target: int, num_aux: int) -> torch.Tensor:
-        return global_contingency(target_labels, aux_labels, num_target, num_aux, local_ops=self.local)
+        return global_contingency(target_labels, aux_labels, num_target, num_aux,
+                                  local_contingency=self.local.contingency)
 
     def class_weights(self, counts, delta: float, mode: str = "mini") -> torch.Tensor:
         return self.local.class_weights(counts, delta, mode)
@@ -491,6 +343,11 @@ class GlobalOps:
                                 num_aux=None) -> torch.Tensor:
         return global_long_tail_cross_entropy(logits, targets, mini_counts, variant, gamma, mask, num_aux)
 
-    def count(self, mask: torch.Tensor) -> int:
-        """The number of True entries over all ranks."""
-        return int(all_reduce_sum(mask.sum().to(torch.int64)))
+    def soft_cross_entropy(self, logits, target, weights=None) -> torch.Tensor:
+        return global_soft_cross_entropy(logits, target, weights)
+
+    def p2ot_targets(self, logits, rho: float, buffer=None, **solver_options):
+        return global_p2ot_plan(logits, rho, buffer, **solver_options)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(values)
