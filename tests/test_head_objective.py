@@ -19,10 +19,10 @@ import pytest  # noqa: E402
 from _support import run_file_in_fresh_interpreter_mode  # noqa: E402
 
 import mcscale.kernels as mk  # noqa: E402
-from mcscale import objectives as obj  # noqa: E402
 from mcscale.config import ClusterConfig  # noqa: E402
 from mcscale.kernels import _runtime  # noqa: E402
-from mcscale.methods import HeadGuided  # noqa: E402
+from mcscale.methods.head_guided import HeadGuided  # noqa: E402
+from mcscale.objectives.ops import REFERENCE, TritonOps  # noqa: E402
 
 fused = importlib.import_module("mcscale.kernels.fused")
 NEEDS_FRESH_PROCESS = DEVICE == "cpu" and not _runtime.interpreting()
@@ -62,7 +62,7 @@ def _config(k, m, **overrides):
 def _reference(cfg, k, logits, dtype):
     """HeadGuided's composition over mcscale.objectives; the loss also when the batch would be skipped."""
     x = [t.to(dtype).requires_grad_(i < 2) for i, t in enumerate(logits)]
-    method = HeadGuided(cfg, k, obj)
+    method = HeadGuided(cfg, k, REFERENCE)
     label_source = (x[0], x[1]) if cfg.weight_view == "prediction" else (x[2], x[3])
     weights = method.estimate_weights(*label_source)
     l_r, n_t = method.target_loss(x[0], x[2], weights)
@@ -203,8 +203,8 @@ def test_empty_confident_set(monkeypatch, path, empty):
         assert stats["l_m"] == 0.0
     # HeadGuided skips such a batch, on either path.
     x = [t.float().to(DEVICE) for t in logits]
-    assert HeadGuided(cfg, k, mk).batch_loss(*x).loss is None
-    assert HeadGuided(cfg, k, obj).batch_loss(*[t.cpu() for t in x]).loss is None
+    assert HeadGuided(cfg, k, TritonOps()).batch_loss(*x).loss is None
+    assert HeadGuided(cfg, k, REFERENCE).batch_loss(*[t.cpu() for t in x]).loss is None
 
 
 # ---------------------------------------------------------------- launches, wiring, errors
@@ -240,7 +240,7 @@ def test_head_guided_uses_the_fused_path():
     cfg = _config(k, m)
     logits = _logits(37, k, m, seed=2)
     results = {}
-    for name, ops, device in (("fused", mk, DEVICE), ("ref", obj, "cpu")):
+    for name, ops, device in (("fused", TritonOps(), DEVICE), ("ref", REFERENCE, "cpu")):
         x = [t.float().to(device).requires_grad_(i < 2) for i, t in enumerate(logits)]
         method = HeadGuided(cfg, k, ops)
         before = mk.launch_count()
@@ -263,9 +263,9 @@ def test_head_guided_keeps_the_composed_path_otherwise(overrides):
     cfg = _config(k, m, **overrides)
     x = [t.float().to(DEVICE).requires_grad_(i < 2) for i, t in enumerate(_logits(37, k, m, seed=4))]
     before = mk.launch_count()
-    result = HeadGuided(cfg, k, mk).batch_loss(*x)
+    result = HeadGuided(cfg, k, TritonOps()).batch_loss(*x)
     assert mk.launch_count() - before > 3  # the per-op kernels
-    ref = HeadGuided(cfg, k, obj).batch_loss(*[t.detach().cpu() for t in x])
+    ref = HeadGuided(cfg, k, REFERENCE).batch_loss(*[t.detach().cpu() for t in x])
     assert result.stats["l_r"] == pytest.approx(ref.stats["l_r"], rel=1e-5)
     assert torch.equal(result.weights.cpu(), ref.weights)
 

@@ -5,13 +5,17 @@ import io
 
 import pytest
 import torch
-
-from mcscale import objectives as obj
 import torch.nn.functional as F
 
-from mcscale.config import ClusterConfig, Config, P2OTConfig
-from mcscale.methods import P2OT, HeadGuided, SelfLabelling, build_method
-from mcscale.p2ot import p2ot_plan, rho_schedule
+from mcscale import objectives as obj
+from mcscale.config import ClusterConfig, Config, ConfigError, P2OTConfig, validate
+from mcscale.methods import METHODS, MethodEntry, build_method
+from mcscale.methods.base import BatchResult, Method
+from mcscale.methods.head_guided import HeadGuided
+from mcscale.methods.p2ot import P2OT
+from mcscale.methods.selflabel import SelfLabelling
+from mcscale.objectives.ops import REFERENCE
+from mcscale.objectives.p2ot import p2ot_plan, rho_schedule
 
 K, M, N = 4, 9, 33
 
@@ -207,3 +211,88 @@ def test_p2ot_with_mini_weights_adds_the_mini_head_losses():
     unweighted = 0.5 * (_soft_ce(t1, q_for_1) + _soft_ce(t2, q_for_2))
     assert plain.loss.item() == pytest.approx(unweighted.item(), rel=1e-5)
     assert abs(l_r.item() - unweighted.item()) > 1e-3  # the weighting is visible at this tolerance
+
+
+# ---------------------------------------------------------------- the registry: a method is one class + one entry
+class ToyMethod(Method):
+    """A toy method: the class-balanced CE of the target head on the argmax of x2 (no threshold)."""
+
+    calls = 0
+
+    def batch_loss(self, logits_t1, logits_m1, logits_t2, logits_m2, step: int = 0) -> BatchResult:
+        ToyMethod.calls += 1
+        loss, n = self.ops.confident_cross_entropy(logits_t1, logits_t2, 0.0, balance=True)
+        return BatchResult(loss, {"l_r": float(loss.detach()), "n_confident_t": n})
+
+
+TOY = MethodEntry("toy", "Toy", f"{__name__}:ToyMethod")
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(METHODS, "toy", TOY)
+    monkeypatch.setattr(ToyMethod, "calls", 0)
+
+
+def test_registry_lists_the_methods_and_what_stages_need():
+    assert list(METHODS) == ["mini", "maxi", "selflabel", "p2ot"]
+    assert {name: entry.load().__name__ for name, entry in METHODS.items()} == {
+        "mini": "HeadGuided", "maxi": "HeadGuided", "selflabel": "SelfLabelling", "p2ot": "P2OT"}
+    modes = {}
+    for method, mini_weights in (("mini", False), ("maxi", False), ("selflabel", True), ("p2ot", False), ("p2ot", True)):
+        cfg = Config(cluster=ClusterConfig(method=method), p2ot=P2OTConfig(mini_weights=mini_weights, cosine_head=True))
+        entry = METHODS[method]
+        modes[method, mini_weights] = (entry.weight_mode(cfg), entry.cosine_head(cfg), entry.display_name(cfg))
+    assert modes == {
+        ("mini", False): ("mini", False, "mini"), ("maxi", False): ("maxi", False, "maxi"),
+        ("selflabel", True): (None, False, "selflabel"), ("p2ot", False): (None, True, "p2ot"),
+        ("p2ot", True): ("mini", True, "p2ot+mini"),
+    }
+    assert METHODS["p2ot"].cosine_scale(cfg) == cfg.p2ot.cosine_scale and METHODS["mini"].cosine_scale(cfg) is None
+    # a run folder's raw config.yaml reads the same
+    assert METHODS["p2ot"].display_name({"cluster": {"method": "p2ot"}, "p2ot": {"mini_weights": True}}) == "p2ot+mini"
+    assert METHODS["p2ot"].display_name({"cluster": {"method": "p2ot"}}) == "p2ot"
+
+
+def test_a_toy_method_is_built_from_its_registry_entry(toy):
+    cfg = Config(cluster=ClusterConfig(method="toy", num_clusters=K, num_aux=M))
+    validate(cfg)  # the registry is what validate checks cluster.method against
+    method = build_method(cfg, K, 10)
+    assert type(method) is ToyMethod and method.ops is REFERENCE and method.num_clusters == K
+    t1, m1, t2, m2 = _logits(11)
+    result = method.batch_loss(t1, m1, t2, m2)
+    expected, n = obj.confident_cross_entropy(t1, t2, 0.0, balance=True)
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6) and n == N
+    with pytest.raises(ConfigError, match="cluster.method: 'toy2' is not one of mini, maxi, selflabel, p2ot, toy$"):
+        validate(Config(cluster=ClusterConfig(method="toy2")))
+
+
+TINY = ["--config", "digits_lt", "--cpu", "--batch-size", "32", "model.proj_hidden=16", "model.proj_dim=8",
+        "logging.report=false"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from mcscale.cli import main
+
+    out = tmp_path_factory.mktemp("encoder")
+    assert main(["pretrain", *TINY, "--max-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_toy_method_trains_through_mcscale_cluster(toy, encoder_dir, tmp_path):
+    import json
+
+    from mcscale.cli import main
+    from mcscale.report.tables import _read
+
+    out = tmp_path / "toy"
+    assert main(["cluster", *TINY, "--encoder", str(encoder_dir), "--out", str(out), "--max-steps", "3",
+                 "cluster.method=toy", "cluster.eval_every=0"]) == 0
+    assert ToyMethod.calls == 3
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if "eval" not in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["n_confident_t"] == 32 for r in train)
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["steps"] == 3 and "weight_spearman" not in final  # the toy estimates no weights
+    assert _read(out)[0] == "toy"

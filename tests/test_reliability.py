@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from mcscale import methods
+from mcscale.methods import head_guided
 from mcscale.cli import main
 
 TINY = ["--config", "digits_lt", "--cpu", "--batch-size", "32", "model.proj_hidden=16", "model.proj_dim=8",
@@ -58,7 +58,7 @@ def encoder(tmp_path_factory):
 
 def _poison(monkeypatch, bad_steps):
     """Make the method's loss NaN at the given steps (a real NaN through the real training loop)."""
-    original = methods.HeadGuided.batch_loss
+    original = head_guided.HeadGuided.batch_loss
 
     def batch_loss(self, *args, step=0):
         result = original(self, *args, step=step)
@@ -66,7 +66,7 @@ def _poison(monkeypatch, bad_steps):
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(methods.HeadGuided, "batch_loss", batch_loss)
+    monkeypatch.setattr(head_guided.HeadGuided, "batch_loss", batch_loss)
 
 
 def test_nonfinite_loss_skips_the_update(monkeypatch, tmp_path, encoder):
