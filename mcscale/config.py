@@ -370,16 +370,22 @@ def check_against_data(cfg: Config, num_samples: int, num_classes: int) -> int:
 
 
 def check_heads(cfg: Config, k: int) -> None:
-    """M against K: MiniClustering (and P2OT's mini weights) needs M > K, MaxiClustering M < K."""
-    c = cfg.cluster
-    m = c.num_aux
-    if c.method == "mini" or (c.method == "p2ot" and cfg.p2ot.mini_weights):
-        who = "MiniClustering" if c.method == "mini" else "p2ot.mini_weights"
-        _check(m > k, f"cluster.num_aux: {who} needs M > K, got M={m} and K={k};"
-               " raise cluster.num_aux" + (" or use cluster.method=maxi" if c.method == "mini" else ""))
-    if c.method == "maxi":
-        _check(m < k, f"cluster.num_aux: MaxiClustering needs M < K, got M={m} and K={k};"
-               " lower cluster.num_aux or use cluster.method=mini")
+    """M against K where the method estimates weights (its registry entry's ``weight_mode``): mini
+    weights (MiniClustering, P2OT's mini weights) need M > K, maxi weights (MaxiClustering) M < K."""
+    from mcscale.methods import METHODS
+
+    entry, m = METHODS[cfg.cluster.method], cfg.cluster.num_aux
+    mode = entry.weight_mode(cfg)
+    if mode is None:
+        return
+    who = entry.weights_option or entry.label  # the switch that turned the weights on, or the method
+    # a method that always estimates these weights: suggest the one estimating the other kind
+    other = [e.name for e in METHODS.values() if e.weights not in (None, mode) and e.weights_option is None]
+    hint = f" or use cluster.method={other[0]}" if other and entry.weights_option is None else ""
+    if mode == "mini":
+        _check(m > k, f"cluster.num_aux: {who} needs M > K, got M={m} and K={k}; raise cluster.num_aux{hint}")
+    else:
+        _check(m < k, f"cluster.num_aux: {who} needs M < K, got M={m} and K={k}; lower cluster.num_aux{hint}")
 
 
 def _check_backbone(cfg: Config) -> None:
