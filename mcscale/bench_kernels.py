@@ -46,28 +46,19 @@ __all__ = ["run", "eager_objective", "fused_objective", "triton_objective", "SIZ
 
 
 def eager_objective(lt1, lm1, lt2, lm2, delta=DELTA, tau=TAU, alpha=ALPHA, beta=BETA):
-    """The head objective written the way the authors' code does it (dense similarities)."""
+    """The head objective composed from ``mcscale.objectives.reference`` in eager PyTorch, with L_s by
+    the dense N x N cosine-similarity matrices as the authors' code computes it."""
+    from mcscale.objectives import reference as ref
+
     k, m = lt1.shape[1], lm1.shape[1]
     pt1, pm1 = F.softmax(lt1, dim=1), F.softmax(lm1, dim=1)
     with torch.no_grad():
-        a, b = pt1.argmax(dim=1), pm1.argmax(dim=1)
-        counts = torch.bincount(a * m + b, minlength=k * m).view(k, m).float()
-        totals = counts.sum(dim=0, keepdim=True)
-        shares = torch.where(totals > 0, counts / totals.clamp_min(1.0), torch.zeros_like(counts))
-        w = m / (shares > delta).sum(dim=1).float().clamp_min(0.5)
-        conf_t, y_t = F.softmax(lt2, dim=1).max(dim=1)
-        conf_m, y_m = F.softmax(lm2, dim=1).max(dim=1)
-        sel_t, sel_m = conf_t > tau, conf_m > tau
-    an, bn = F.normalize(pt1, dim=1), F.normalize(pm1, dim=1)
-    loss_s = ((an @ an.T - bn @ bn.T) ** 2).mean()
-    if not (bool(sel_t.any()) and bool(sel_m.any())):  # the code skips such a batch
+        w = ref.class_weights(ref.contingency(pt1.argmax(dim=1), pm1.argmax(dim=1), k, m), delta, "mini")
+    loss_s = ref.similarity_alignment(pt1, pm1, normalize_rows=True, method="dense")
+    loss_r, n_t = ref.confident_cross_entropy(lt1, lt2, tau, w)
+    loss_m, n_m = ref.confident_cross_entropy(lm1, lm2, tau, None, balance=True)
+    if n_t == 0 or n_m == 0:  # the code skips such a batch
         return beta * loss_s
-    yt = y_t[sel_t]
-    wt = w[yt]
-    loss_r = (F.cross_entropy(lt1[sel_t], yt, reduction="none") * wt).sum() / wt.sum()
-    ym = y_m[sel_m]
-    balanced = sel_m.sum().float() / torch.bincount(ym, minlength=m).float().clamp_min(1.0)
-    loss_m = F.cross_entropy(lm1[sel_m], ym, weight=balanced)
     return loss_r + alpha * loss_m + beta * loss_s
 
 
