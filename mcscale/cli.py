@@ -12,13 +12,28 @@ from pathlib import Path
 
 from mcscale import __version__
 
-
-BENCHMARKS = {"p2ot": "mcscale.bench_p2ot", "kernels": "mcscale.bench_kernels", "data": "mcscale.bench_data"}
+BENCHMARKS = ("data", "kernels", "p2ot")  # benchmarks/bench_<name>.py of a checkout (not installed)
+BENCHMARK_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 RESUME_AUTO = "auto"
 
 
+def load_benchmark(name: str):
+    """``benchmarks/bench_<name>.py`` of this checkout as a module (benchmarks are not installed)."""
+    import importlib.util
+
+    path = BENCHMARK_DIR / f"bench_{name}.py"
+    if not path.is_file():
+        from mcscale.errors import RunError
+
+        raise RunError(f"bench {name}: {path} not found; benchmarks run from a source checkout of mcscale")
+    spec = importlib.util.spec_from_file_location(f"mcscale_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _is_checkpoint_name(value: str) -> bool:
-    from mcscale.stage import CHECKPOINT_PATTERN
+    from mcscale.train.run_folder import CHECKPOINT_PATTERN
 
     return bool(CHECKPOINT_PATTERN.match(Path(value).name))
 
@@ -85,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, "cluster")
     p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
 
-    from mcscale.shards.prepare import add_parser as add_prepare_parser
+    from mcscale.data.shards.prepare import add_parser as add_prepare_parser
 
     add_prepare_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks: the P2OT solver, the head-objective kernels or the data loaders")
-    p.add_argument("target", choices=sorted(BENCHMARKS), help="what to time")
+    p.add_argument("target", choices=BENCHMARKS, help="what to time")
     p.add_argument("--out", help="CSV to write (default benchmarks/<target>_<device>.csv)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
@@ -133,7 +148,7 @@ def _say(text: str) -> None:
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
-    from mcscale.report import metrics_table
+    from mcscale.report.tables import metrics_table
 
     _say(title + "\n" + metrics_table({"kmeans": metrics["kmeans"], "final": metrics["final"]}))
 
@@ -142,7 +157,7 @@ def _resume_from(args) -> Path | None:
     """The checkpoint of ``--resume CKPT``, checked before any work starts."""
     if args.resume_from is None:
         return None
-    from mcscale.stage import chosen_checkpoint
+    from mcscale.train.run_folder import chosen_checkpoint
 
     return chosen_checkpoint(args.out, args.resume_from)
 
@@ -151,21 +166,29 @@ def _dispatch(args) -> int:
     # configuration first: a config error is reported before torch and the data load
     stage = args.command if args.command in ("pretrain", "cluster") else None
     if stage is not None:
-        from mcscale.launcher import check_global_batch, launched_world_size
+        from mcscale.launcher import (
+            check_global_batch,
+            launched_rank,
+            launched_world_size,
+        )
 
         cfg = _config_from_args(args, stage)
         batch = getattr(cfg, stage).batch_size
         check_global_batch(batch, launched_world_size(), f"{stage}.batch_size", cfg.distributed.sync_batchnorm)
     if args.command == "pretrain":
-        from mcscale.pretrain import run_pretrain
+        from mcscale.train.pretrain import run_pretrain
 
         path = run_pretrain(cfg, args.out, resume=args.resume, force_cpu=args.cpu, resume_from=_resume_from(args))
         _say(f"encoder written to {path}")
     elif args.command == "cluster":
-        from mcscale.cluster import run_cluster
+        from mcscale.train.cluster import run_cluster
 
         metrics = run_cluster(cfg, args.encoder, args.out, resume=args.resume, force_cpu=args.cpu,
                               resume_from=_resume_from(args))
+        if cfg.logging.report and launched_rank() == 0:
+            from mcscale.report.html import write_report
+
+            write_report(args.out, force_cpu=args.cpu)
         _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
     elif args.command == "eval":
         args.run = args.run or args.run_dir
@@ -173,31 +196,29 @@ def _dispatch(args) -> int:
             from mcscale.errors import RunError
 
             raise RunError("eval: name the run folder (mcscale eval RUN, or --run RUN)")
-        from mcscale.cluster import run_eval
+        from mcscale.train.evaluate import run_eval
 
         metrics = run_eval(args.run, force_cpu=args.cpu)
         _print_metrics(f"re-evaluated {args.run}", metrics)
     elif args.command == "report":
-        from mcscale.reporting import write_report
+        from mcscale.report.html import write_report
 
         print(write_report(args.run, force_cpu=args.cpu))
     elif args.command == "compare":
-        from mcscale.compare import compare_runs
+        from mcscale.report.tables import compare_runs
 
         print(compare_runs(args.runs))
     elif args.command == "prepare":
-        from mcscale.shards.prepare import run as run_prepare
+        from mcscale.data.shards.prepare import run as run_prepare
 
         return run_prepare(args)
     elif args.command == "bench":
-        import importlib
-
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         out = args.out or f"benchmarks/{args.target}_{device}.csv"
         extra = {"threads": args.threads} if args.threads else {}
-        importlib.import_module(BENCHMARKS[args.target]).run(out, device=device, repeats=args.repeats, **extra)
+        load_benchmark(args.target).run(out, device=device, repeats=args.repeats, **extra)
         print(f"written to {out}")
     elif args.command == "quickstart":
         from mcscale.quickstart import run_quickstart

@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -23,22 +24,23 @@ class ConfigError(Exception):
 
 @dataclass
 class DataConfig:
-    source: str = "digits"
+    source: Literal["digits", "mnist", "cifar10", "cifar20", "cifar100", "stl10", "imagefolder", "imagelist", "embeddings"] = "digits"
     root: typing.Optional[str] = None  # dataset folder / file; digits needs none
     labels_file: typing.Optional[str] = None  # imagelist: the `path label` list; embeddings: labels .npy
-    split: str = "train"
+    split: Literal["train", "test"] = "train"
     imbalance_ratio: typing.Optional[float] = 10.0  # r of METHOD section 1; null keeps every sample
     n_max: typing.Optional[int] = None  # head-class size; default: the smallest class size
     load_size: typing.Optional[int] = None  # decode size for image-file sources (default 64)
     image_size: typing.Optional[int] = None  # size of the views fed to the network; default: as stored
     num_workers: int = 0  # decoding workers for image-file sources; DataLoader workers / DALI threads for shards
-    loader: str = "tensor"  # tensor (in memory, batched augmentation) | webdataset | dali (need data.shards)
+    loader: Literal["tensor", "webdataset", "dali"] = "tensor"  # tensor (in memory, batched augmentation) | webdataset | dali (need data.shards)
     shards: typing.Optional[str] = None  # folder written by `mcscale prepare`
 
 
 @dataclass
-class AugmentSettings:
-    """BYOL strong augmentation (METHOD section 5) and the feature-space twin for embeddings."""
+class AugmentConfig:
+    """BYOL strong augmentation (METHOD section 5) and the feature-space twin for embeddings; the one
+    settings class of ``mcscale.data.augment`` and the shard transforms (checked by ``validate``)."""
 
     crop_scale: typing.List[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: typing.List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
@@ -52,7 +54,7 @@ class AugmentSettings:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
+    backbone: Literal["resnet18", "resnet50", "small_cnn", "mlp"] = "resnet18"
     cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool
     proj_hidden: int = 4096
     proj_dim: int = 512
@@ -68,14 +70,14 @@ class PretrainConfig:
     predictor_lr_mult: float = 10.0
     warmup_epochs: int = 10
     ema: float = 0.996  # base EMA momentum of the target network
-    ema_schedule: str = "cosine"  # cosine increase to 1 (BYOL) or constant
+    ema_schedule: Literal["cosine", "constant"] = "cosine"  # cosine increase to 1 (BYOL) or constant
     checkpoint_every: int = 200  # optimiser steps
 
 
 @dataclass
 class ClusterConfig:
     method: str = "mini"  # mini | maxi | selflabel | p2ot
-    loss: str = "ce"  # ce | cb | balms | eql (Appendix G variants of L_r)
+    loss: Literal["ce", "cb", "balms", "eql"] = "ce"  # ce | cb | balms | eql (Appendix G variants of L_r)
     num_clusters: typing.Optional[int] = None  # K; default: the number of classes of the source
     num_aux: int = 40  # M
     delta: float = 0.3
@@ -87,16 +89,16 @@ class ClusterConfig:
     batch_size: int = 512
     epochs: int = 200
     head_scale: float = 100.0  # head weight = scale * K-means centre
-    weight_view: str = "prediction"  # labels for the counts: prediction view x1 (code) | pseudo view x2 (paper)
-    target_normalize: str = "weight_sum"  # L_r denominator: sum of weights (code) | count (paper)
+    weight_view: Literal["prediction", "pseudo"] = "prediction"  # labels for the counts: prediction view x1 (code) | pseudo view x2 (paper)
+    target_normalize: Literal["weight_sum", "count"] = "weight_sum"  # L_r denominator: sum of weights (code) | count (paper)
     aux_balance: bool = True  # L_m class-balanced (code) | plain mean (paper)
     similarity_normalize_rows: bool = True  # cosine similarities in L_s (code) | raw products (paper)
     cb_gamma: float = 0.999
-    weight_estimate: str = "batch"  # batch (paper) | window: counts summed over recent steps (extension)
+    weight_estimate: Literal["batch", "window"] = "batch"  # batch (paper) | window: counts summed over recent steps (extension)
     weight_window: int = 10  # steps summed when weight_estimate = window
     selflabel_balance: bool = True  # self-labelling baseline: class-balanced confident CE
-    kernels: str = "auto"  # head objectives: auto (Triton on CUDA) | triton | torch
-    kmeans_backend: str = "auto"  # auto | faiss | torch
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # head objectives: auto (Triton on CUDA) | triton | torch
+    kmeans_backend: Literal["auto", "faiss", "torch"] = "auto"  # auto | faiss | torch
     kmeans_iters: int = 50
     kmeans_redo: int = 3  # K-means runs from different seeds; the best objective is kept
     eval_every: int = 100  # optimiser steps between evaluations (0: only at the end)
@@ -110,8 +112,8 @@ class P2OTConfig:
     eps: float = 0.1  # entropic regularisation
     lam: float = 1.0  # weight of the KL relaxation of the cluster marginal
     rho0: float = 0.1  # starting mass of the progressive schedule
-    variant: str = "partial"  # partial (P2OT) | uot (rho = 1, KL-relaxed) | pot (hard uniform marginal)
-    rho_schedule: str = "progressive"  # progressive rho(t) | fixed (rho = rho0 throughout)
+    variant: Literal["partial", "uot", "pot"] = "partial"  # partial (P2OT) | uot (rho = 1, KL-relaxed) | pot (hard uniform marginal)
+    rho_schedule: Literal["progressive", "fixed"] = "progressive"  # progressive rho(t) | fixed (rho = rho0 throughout)
     buffer_batches: int = 10  # FIFO of recent logits, in batches
     max_iter: int = 1000
     tol: float = 1e-6
@@ -125,7 +127,7 @@ class DistributedConfig:
     """Multi-process runs (``accelerate launch`` / ``torchrun``); ignored by a single process."""
 
     sync_batchnorm: bool = True  # BatchNorm statistics of the global batch (exact); false: per rank
-    similarity_comm: str = "auto"  # L_s across ranks: gram (K^2+M^2+KM) | gather (N(K+M)) | auto: smaller
+    similarity_comm: Literal["auto", "gram", "gather"] = "auto"  # L_s across ranks: gram (K^2+M^2+KM) | gather (N(K+M)) | auto: smaller
 
 
 @dataclass
@@ -137,11 +139,11 @@ class LoggingConfig:
 @dataclass
 class Config:
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto | cpu | cuda
     max_steps: typing.Optional[int] = None  # cap on optimiser steps of the stage being run
     max_nonfinite_steps: int = 5  # consecutive non-finite losses (each skipped) before the run stops
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -150,24 +152,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "data.source": ("digits", "mnist", "cifar10", "cifar20", "cifar100", "stl10", "imagefolder", "imagelist", "embeddings"),
-    "data.split": ("train", "test"),
-    "data.loader": ("tensor", "webdataset", "dali"),
-    "model.backbone": ("resnet18", "resnet50", "small_cnn", "mlp"),
-    "pretrain.ema_schedule": ("cosine", "constant"),
-    "cluster.method": ("mini", "maxi", "selflabel", "p2ot"),
-    "p2ot.variant": ("partial", "uot", "pot"),
-    "p2ot.rho_schedule": ("progressive", "fixed"),
-    "cluster.loss": ("ce", "cb", "balms", "eql"),
-    "cluster.weight_view": ("prediction", "pseudo"),
-    "cluster.target_normalize": ("weight_sum", "count"),
-    "cluster.weight_estimate": ("batch", "window"),
-    "cluster.kmeans_backend": ("auto", "faiss", "torch"),
-    "cluster.kernels": ("auto", "triton", "torch"),
-    "distributed.similarity_comm": ("auto", "gram", "gather"),
-}
+# cluster.method is checked against the methods registry (mcscale.methods.METHODS) in validate
 
 
 # ---------------------------------------------------------------- conversion from plain data
@@ -178,6 +163,11 @@ def _type_name(tp) -> str:
 def _coerce(key: str, value, tp):
     """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        return value
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return None if value is None else _coerce(key, value, inner)
@@ -314,8 +304,10 @@ def validate(cfg: Config) -> None:
         for key, value in to_dict(getattr(cfg, section)).items():
             flat[f"{section}.{key}"] = value
     flat["device"] = cfg.device
-    for key, choices in CHOICES.items():
-        _check(flat[key] in choices, f"{key}: {flat[key]!r} is not one of {', '.join(choices)}")
+    from mcscale.methods import METHODS  # the registry imports no torch
+
+    _check(cfg.cluster.method in METHODS,
+           f"cluster.method: {cfg.cluster.method!r} is not one of {', '.join(METHODS)}")
     c = cfg.cluster
     _check(0.0 < c.tau < 1.0, f"cluster.tau: {c.tau} must lie in (0, 1)")
     _check(0.0 <= c.delta < 1.0, f"cluster.delta: {c.delta} must lie in [0, 1)")
@@ -343,7 +335,11 @@ def validate(cfg: Config) -> None:
         f"augment.crop_scale: {a.crop_scale} must be [low, high] with 0 < low <= high <= 1",
     )
     _check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1], f"augment.crop_ratio: {a.crop_ratio} must be [low, high]")
-    _check(len(a.jitter) == 4, f"augment.jitter: {a.jitter} must be [brightness, contrast, saturation, hue]")
+    _check(len(a.jitter) == 4 and min(a.jitter) >= 0 and a.jitter[3] <= 0.5,
+           f"augment.jitter: {a.jitter} must be [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5")
+    for name in ("flip_p", "jitter_p", "grayscale_p"):
+        _check(0 <= getattr(a, name) <= 1, f"augment.{name}: {getattr(a, name)} must be a probability")
+    _check(0 <= a.feature_dropout < 1, f"augment.feature_dropout: {a.feature_dropout} must lie in [0, 1)")
     p = cfg.p2ot
     _check(p.eps > 0, f"p2ot.eps: {p.eps} must be positive")
     _check(p.lam > 0, f"p2ot.lam: {p.lam} must be positive")

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mcscale.distributed import COMM
-from mcscale.launcher import ENV_KEYS, check_global_batch, launched_rank, launched_world_size  # noqa: F401
-from mcscale.runtime import RunError, pick_device
-
+from mcscale.errors import RunError
+from mcscale.launcher import (  # noqa: F401
+    ENV_KEYS,
+    check_global_batch,
+    launched_rank,
+    launched_world_size,
+)
 
 
 @dataclass
@@ -147,3 +150,139 @@ def setup(device_name: str, force_cpu: bool = False) -> Parallel:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return Parallel(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ---------------------------------------------------------------- collectives (identity on one process)
+@dataclass
+class CommCounter:
+    """Bytes (and number) of the collectives issued since the last ``take``/``reset``."""
+
+    bytes: int = 0
+    calls: int = 0
+
+    def record(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+    def take(self) -> int:
+        """The bytes since the last take, then zero: call once per step for a per-step figure."""
+        nbytes = self.bytes
+        self.reset()
+        return nbytes
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+
+COMM = CommCounter()
+
+
+def _counter(counter: CommCounter | None) -> CommCounter:
+    return COMM if counter is None else counter
+
+
+# ---------------------------------------------------------------- process group and collectives
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _initialised() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _initialised() else 0
+
+
+def all_reduce_sum(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """A new, detached tensor holding the sum of ``t`` over all ranks (a copy at world size 1)."""
+    out = t.detach().clone()
+    if world_size() == 1:
+        return out
+    _counter(counter).record(out)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def _gather_sizes(rows: int, device: torch.device, counter: CommCounter | None) -> list[int]:
+    """Every rank's row count, in rank order (identical on every rank)."""
+    if world_size() == 1:
+        return [rows]
+    local = torch.tensor([rows], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(world_size())]
+    _counter(counter).record(local)
+    dist.all_gather(sizes, local)
+    return [int(s) for s in sizes]
+
+
+def _gather_rows(t: torch.Tensor, sizes: list[int], counter: CommCounter | None) -> torch.Tensor:
+    """Concatenation of every rank's rows (detached); all_gather needs equal shapes, so pad to the max."""
+    local = t.detach()
+    if world_size() == 1:
+        return local
+    longest = max(sizes)
+    if longest == 0:  # every rank agrees on this (same sizes): skip the empty collective
+        return local
+    pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
+    send = torch.cat([local, pad]).contiguous()
+    parts = [torch.empty_like(send) for _ in sizes]
+    _counter(counter).record(send)
+    dist.all_gather(parts, send)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _offset(sizes: list[int]) -> int:
+    """Index of this rank's first row in the gathered (rank-ordered) matrix."""
+    return sum(sizes[: rank()])
+
+
+def all_gather_cat(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """Rows of every rank concatenated in rank order (detached); ranks may hold different row counts.
+
+    Two collectives: the row counts (8 bytes per rank), then the rows padded to the longest rank.
+    """
+    return _gather_rows(t, _gather_sizes(t.shape[0], t.device, counter), counter)
+
+
+def _splice(full: torch.Tensor, local: torch.Tensor, start: int) -> torch.Tensor:
+    """``full`` with rows [start, start + len(local)) replaced by ``local`` (which keeps its graph)."""
+    return torch.cat([full[:start], local, full[start + local.shape[0]:]])
+
+
+def all_gather_with_grad(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """``all_gather_cat`` whose local rows stay connected to ``t``'s graph (no backward collective).
+
+    Meant for a loss that every rank evaluates identically on the gathered matrix: its gradient with
+    respect to the local rows is then exactly the global loss's gradient for those rows (scale it by
+    W for DDP, as the losses here do). The other ranks' rows are constants here.
+    """
+    sizes = _gather_sizes(t.shape[0], t.device, counter)
+    return _splice(_gather_rows(t, sizes, counter), t, _offset(sizes))
+
+
+def shard_rows(batch: int, rank: int, world: int) -> slice:
+    """Rows [rank * B/W, (rank + 1) * B/W) of a global batch of ``batch`` rows: rank ``rank``'s share."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_batch: need 0 <= rank < world, got rank {rank} and world {world}")
+    if batch % world:
+        raise ValueError(
+            f"shard_batch: global batch size {batch} is not divisible by the world size {world}; "
+            f"use a batch size that is a multiple of {world}"
+        )
+    per_rank = batch // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def shard_batch(index_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """The contiguous slice of a global batch (e.g. sample indices of one global permutation) that
+    rank ``rank`` of ``world`` holds (``shard_rows``)."""
+    return index_tensor[shard_rows(index_tensor.shape[0], rank, world)]
+
+
+def pick_device(name: str, force_cpu: bool = False) -> torch.device:
+    if force_cpu or name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: cuda was asked for but no CUDA device is visible; use --cpu or device=auto")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mcscale.cluster import run_cluster
 from mcscale.config import load_config
-from mcscale.pretrain import run_pretrain
-from mcscale.report import metrics_table
-from mcscale.runtime import atomic_write_json, prepare_out_dir
+from mcscale.files import atomic_write_json, prepare_out_dir
+from mcscale.report.html import write_report
+from mcscale.report.tables import metrics_table
+from mcscale.train.cluster import run_cluster
+from mcscale.train.pretrain import run_pretrain
 
 CONFIG = "digits_lt"
 METHODS = (  # (row name, config overrides)
@@ -46,6 +47,8 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, force_cpu: bool = False, 
         run_cfg = load_config(CONFIG, base + overrides)
         metrics = run_cluster(run_cfg, out / "pretrain", out / name, force_cpu=force_cpu, overwrite=not resume,
                               resume=resume)
+        if run_cfg.logging.report:
+            write_report(out / name, force_cpu=force_cpu)
         results.setdefault("kmeans", _summary(metrics["kmeans"]))
         results[name] = _summary(metrics["final"])
     summary = {

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
-from mcscale.augment import (
+from mcscale.data.augment import (
     AugmentConfig,
     Normalizer,
     adjust_contrast,

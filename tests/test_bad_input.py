@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from mcscale.cli import main
-from mcscale.errors import RunError
-from mcscale.launcher import check_global_batch
 from mcscale.config import ConfigError
-from mcscale.runtime import StepGuard, safe_torch_load
+from mcscale.errors import RunError
+from mcscale.files import safe_torch_load
+from mcscale.launcher import check_global_batch
+from mcscale.train.loop import StepGuard
 
 TINY = ["--cpu", "model.proj_hidden=32", "model.proj_dim=16", "logging.report=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -166,9 +167,9 @@ def test_batch_larger_than_the_data_is_said_once_and_a_skipped_first_update_warn
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mcscale.stage import lock_run_folder
-    out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
-    lock_run_folder(out)
+    from mcscale.parallel import Parallel
+    from mcscale.train.run_folder import open_run_folder
+    open_run_folder(Parallel(), Path(sys.argv[1]), resume=True)  # as a stage does, then holds it
     print("locked", flush=True)
     time.sleep(120)
 """)
@@ -191,6 +192,7 @@ def test_a_second_writer_is_refused_until_the_first_dies(capsys, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
+        holder.stdout.close()
     # the OS released the dead holder's lock: the run goes ahead
     code, _, err = _run(capsys, "pretrain", "--config", "digits_lt", "--out", str(out), "--max-steps", "1", *TINY)
     assert code == 0, err
@@ -198,7 +200,7 @@ def test_a_second_writer_is_refused_until_the_first_dies(capsys, tmp_path):
 
 
 def test_the_lock_is_released_after_a_run_and_after_a_failed_one(capsys, tmp_path):
-    from mcscale.stage import _HELD_LOCKS
+    from mcscale.train.run_folder import _HELD_LOCKS
 
     out = tmp_path / "run"
     assert _run(capsys, "pretrain", "--config", "digits_lt", "--out", str(out), "--max-steps", "1", *TINY)[0] == 0

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from mcscale.cli import main
-from mcscale.runtime import RunError, atomic_torch_save, checksum_path, safe_torch_load
-from mcscale.stage import latest_checkpoint, save_checkpoint, start_fresh
+from mcscale.errors import RunError
+from mcscale.files import atomic_torch_save, checksum_path, safe_torch_load
+from mcscale.train.run_folder import latest_checkpoint, save_checkpoint, start_fresh
 
 TINY = ["--config", "digits_lt", "--cpu", "--batch-size", "32", "model.proj_hidden=16", "model.proj_dim=8",
         "logging.report=false"]

@@ -237,7 +237,7 @@ def test_encoder_of_another_architecture_is_one_line(capsys, tmp_path):
     """An encoder.pt whose weights do not fit the architecture it names (here: an extra key)."""
     import torch
 
-    from mcscale.pretrain import build_byol
+    from mcscale.models.byol import build_byol
 
     arch = {"backbone": "small_cnn", "in_channels": 1, "input_dim": 0, "cifar_stem": True, "proj_hidden": 32,
             "proj_dim": 16, "image_size": 8}

@@ -1,4 +1,4 @@
-"""mcscale.distributed: 2 gloo ranks on CPU reproduce the single-process statistics of the global batch.
+"""mcscale.objectives.global_batch: 2 gloo ranks on CPU reproduce the single-process statistics of the global batch.
 
 One process group is spawned for the whole module (spawning costs seconds): both ranks run every case
 of CASES on their slice of the same deterministic global inputs and save the results; the parent
@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from _support import run_on_gloo_ranks
 
-from mcscale import distributed as D
 from mcscale import objectives as obj
-from mcscale.p2ot import p2ot_plan
+from mcscale import parallel as P
+from mcscale.objectives import global_batch as D
+from mcscale.objectives.p2ot import p2ot_plan
 
 WORLD = 2
 K, M, FEAT = 3, 7, 5
@@ -300,12 +301,12 @@ def collectives_case(split):
     def run(rows, shared, distributed):
         x = rows["x"]
         if distributed:
-            gathered, total, full = D.all_gather_cat(x), D.all_reduce_sum(x.sum(0)), D.all_gather_with_grad(x)
+            gathered, total, full = P.all_gather_cat(x), P.all_reduce_sum(x.sum(0)), P.all_gather_with_grad(x)
         else:
             gathered, total, full = x.detach(), x.sum(0).detach(), x
         loss = ((full @ shared["c"]) ** 2).sum() / float(sum(split))
         if distributed:  # the same loss on every rank: same value, gradient times W for DDP averaging
-            loss = loss + (D.world_size() - 1) * (loss - loss.detach())
+            loss = loss + (P.world_size() - 1) * (loss - loss.detach())
         return {"loss": loss, "same": {"gathered": gathered, "total": total}}
 
     def plain(rows, shared):
@@ -416,9 +417,9 @@ def execute(case: Case, start: int, stop: int, distributed: bool) -> dict:
     leaves = {name: t.clone().requires_grad_() for name, t in {**rows, **shared}.items() if name in case.grad}
     rows = {name: leaves.get(name, t) for name, t in rows.items()}
     shared = {name: leaves.get(name, t) for name, t in shared.items()}
-    D.COMM.reset()
+    P.COMM.reset()
     out = case.run(rows, shared, distributed)
-    nbytes = D.COMM.take()
+    nbytes = P.COMM.take()
     loss = out.get("loss")
     if loss is not None:
         loss.backward()
@@ -494,7 +495,7 @@ def test_world_size_one_is_the_reference(name):
     """Without a process group the global functions give what plain formulas give on the whole batch:
     values, per-row outputs and gradients, with no communication."""
     assert not dist.is_initialized()
-    assert (D.world_size(), D.rank()) == (1, 0)
+    assert (P.world_size(), P.rank()) == (1, 0)
     case = CASES[name]
     n = sum(case.split)
     got = execute(case, 0, n, distributed=True)
@@ -515,24 +516,24 @@ def test_world_size_one_is_the_reference(name):
 
 def test_world_size_one_collectives_are_copies():
     x = torch.randn(5, 3)
-    assert torch.equal(D.all_reduce_sum(x), x) and D.all_reduce_sum(x) is not x
-    assert torch.equal(D.all_gather_cat(x), x)
-    assert D.COMM.take() == 0
+    assert torch.equal(P.all_reduce_sum(x), x) and P.all_reduce_sum(x) is not x
+    assert torch.equal(P.all_gather_cat(x), x)
+    assert P.COMM.take() == 0
 
 
 # ---------------------------------------------------------------- pure helpers
 def test_shard_batch_contiguous_slices():
     batch = torch.randperm(12)
-    parts = [D.shard_batch(batch, r, 3) for r in range(3)]
+    parts = [P.shard_batch(batch, r, 3) for r in range(3)]
     assert torch.equal(torch.cat(parts), batch)
     assert all(len(p) == 4 for p in parts)
 
 
 def test_shard_batch_rejects_indivisible_batch_and_bad_rank():
     with pytest.raises(ValueError, match="not divisible by the world size 4"):
-        D.shard_batch(torch.arange(10), 0, 4)
+        P.shard_batch(torch.arange(10), 0, 4)
     with pytest.raises(ValueError, match="rank"):
-        D.shard_batch(torch.arange(8), 2, 2)
+        P.shard_batch(torch.arange(8), 2, 2)
 
 
 def test_similarity_method_choice_is_the_smaller_message():
@@ -543,7 +544,7 @@ def test_similarity_method_choice_is_the_smaller_message():
 
 
 def test_comm_counter_take_resets():
-    counter = D.CommCounter()
+    counter = P.CommCounter()
     counter.record(torch.zeros(3, 4, dtype=torch.float64))
     counter.record(torch.zeros(2, dtype=torch.int64))
     assert (counter.bytes, counter.calls) == (112, 2)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mcscale import cluster as cluster_mod
-from mcscale import pretrain as pretrain_mod
 from mcscale.cli import main
-from mcscale.cluster import load_cluster_run
-from mcscale.evaluate import predict
-from mcscale.pretrain import build_byol, load_encoder
-from mcscale.stage import load_views, read_run_config
+from mcscale.data.loading import load_views
+from mcscale.models.byol import build_byol
+from mcscale.train import cluster as cluster_mod
+from mcscale.train import pretrain as pretrain_mod
+from mcscale.train.evaluate import load_cluster_run, predict
+from mcscale.train.run_folder import load_encoder, read_run_config
 
 # A tiny network so a few optimiser steps take well under a second on a CPU.
 SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128",

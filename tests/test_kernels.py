@@ -22,6 +22,7 @@ from _support import run_file_in_fresh_interpreter_mode  # noqa: E402
 
 import mcscale.kernels as mk  # noqa: E402
 from mcscale import objectives as obj  # noqa: E402
+from mcscale.cli import load_benchmark  # noqa: E402
 from mcscale.kernels import _runtime  # noqa: E402
 
 NEEDS_FRESH_PROCESS = DEVICE == "cpu" and not _runtime.interpreting()
@@ -274,7 +275,7 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 # ---------------------------------------------------------------- benchmark objectives
 def test_bench_objectives_agree():
-    from mcscale import bench_kernels as bench
+    bench = load_benchmark("kernels")
 
     results = []
     for fn in (bench.eager_objective, bench.triton_objective, bench.fused_objective):
@@ -293,7 +294,7 @@ def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
     import csv
     import time
 
-    from mcscale import bench_kernels as bench
+    bench = load_benchmark("kernels")
 
     def slow():  # eager plus 30 ms a step: a variant whose speed-up must come out below 1
         def fn(*inputs):
@@ -347,7 +348,7 @@ def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_counts_launches_of_the_triton_variants(tmp_path, monkeypatch):
-    from mcscale import bench_kernels as bench
+    bench = load_benchmark("kernels")
 
     variants = [("eager", lambda: bench.eager_objective), ("fused", lambda: bench.fused_objective),
                 ("ops", lambda: bench.triton_objective)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcscale.kmeans import faiss_available, spherical_kmeans
 from mcscale.metrics import cluster_metrics
+from mcscale.models.kmeans import faiss_available, spherical_kmeans
 
 
 def _planted(n_per, k, dim, spread, seed):
@@ -115,7 +115,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_auto_backend_uses_faiss_on_cpu_and_torch_for_cuda_features_without_a_gpu_faiss(monkeypatch):
-    import mcscale.kmeans as km
+    import mcscale.models.kmeans as km
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert km._use_faiss("torch", cpu) is False and km._use_faiss("faiss", cuda) is True

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from mcscale.data import default_n_max, long_tail_counts, long_tail_indices, long_tail_subset
+from mcscale.data import (
+    default_n_max,
+    long_tail_counts,
+    long_tail_indices,
+    long_tail_subset,
+)
 
 CIFAR10_R10 = [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500]
 STL10_R10 = [1300, 1006, 779, 603, 467, 361, 280, 216, 167, 130]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from mcscale import objectives as obj
 from mcscale.config import ClusterConfig, Config, ConfigError, P2OTConfig, validate
-from mcscale.methods import METHODS, MethodEntry, build_method
+from mcscale.methods import METHODS, MethodEntry
+from mcscale.methods.base import build_method
 from mcscale.methods.base import BatchResult, Method
 from mcscale.methods.head_guided import HeadGuided
 from mcscale.methods.p2ot import P2OT

@@ -17,7 +17,6 @@ from mcscale.metrics import (
     spearman,
 )
 
-
 # ---------------------------------------------------------------- brute-force reference
 
 def _all_injective_matchings(clusters, classes):

@@ -7,15 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mcscale.models import (
-    BYOL,
-    MLP,
-    ClusterModel,
-    build_backbone,
-    byol_loss,
-    byol_momentum,
-    feature_dim_of,
-)
+from mcscale.models.backbones import MLP, build_backbone, feature_dim_of
+from mcscale.models.byol import BYOL, byol_loss, byol_momentum
+from mcscale.models.heads import ClusterModel
 
 
 def _x(*shape, seed=0):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mcscale import p2ot as p2ot_module
-from mcscale.p2ot import marginal_exponent, p2ot_plan, rho_schedule
+from mcscale.objectives import p2ot as p2ot_module
+from mcscale.objectives.p2ot import marginal_exponent, p2ot_plan, rho_schedule
 
 TIGHT = dict(tol=1e-10, max_iter=20000)
 

@@ -32,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # ---------------------------------------------------------------- pieces, in a spawned 2-rank group
 def _digits_views():
     from mcscale.config import load_config
-    from mcscale.stage import load_views
+    from mcscale.data.loading import load_views
 
     cfg = load_config("digits_lt", ["model.proj_dim=16"])
     _, _, views = load_views(cfg, torch.device("cpu"))
@@ -67,7 +67,7 @@ BN_SPLIT = (3, 4)  # uneven on purpose
 
 
 def _batchnorm_case(rank: int) -> dict:
-    from mcscale.global_bn import convert_batchnorm
+    from mcscale.models.global_bn import convert_batchnorm
 
     x, weights = _batchnorm_inputs()
     lo = sum(BN_SPLIT[:rank])
@@ -85,8 +85,8 @@ def _batchnorm_case(rank: int) -> dict:
 
 
 def _predict_case(rank: int) -> dict:
-    from mcscale.evaluate import predict
     from mcscale.parallel import Parallel
+    from mcscale.train.evaluate import predict
 
     views = _digits_views()
     model = _TinyClusterModel()
@@ -122,9 +122,9 @@ def _method_logits(step: int, num_aux: int) -> list[torch.Tensor]:
 def run_method(name: str, rows: slice) -> list[dict]:
     """METHOD_STEPS steps of the method on ``rows`` of each step's logits (all rows: one process)."""
     from mcscale.config import load_config
-    from mcscale.methods import build_method
+    from mcscale.methods.base import build_method
 
-    cfg = load_config(None, ["cluster.tau=0.5", *METHOD_VARIANTS[name]])
+    cfg = load_config(None, ["cluster.tau=0.5", f"cluster.num_clusters={METHOD_K}", *METHOD_VARIANTS[name]])
     method = build_method(cfg, METHOD_K, total_steps=10)
     out = []
     for step in range(METHOD_STEPS):
@@ -188,7 +188,7 @@ def test_global_batchnorm_equals_batchnorm_of_the_whole_batch(ranks):
 
 
 def test_distributed_predict_equals_single_process_on_an_odd_sized_set(ranks):
-    from mcscale.evaluate import predict
+    from mcscale.train.evaluate import predict
 
     views = _digits_views()
     assert len(views) % WORLD == 1  # 707 samples: the ranks hold 353 and 354
@@ -253,8 +253,8 @@ def test_indivisible_global_batch_is_refused_by_name():
 
 
 def test_world_size_change_on_resume_rules(tmp_path, capsys):
-    from mcscale.runtime import RunError
-    from mcscale.stage import check_world_size
+    from mcscale.errors import RunError
+    from mcscale.train.run_folder import check_world_size
 
     check_world_size({"world_size": 2}, 2, sharded=True, path_hint=tmp_path)
     check_world_size({"world_size": 1}, 2, sharded=False, path_hint=tmp_path)
@@ -297,7 +297,7 @@ def _compared(state: dict) -> list[str]:
 
 
 def _final_params(run: Path) -> dict:
-    from mcscale.stage import latest_checkpoint
+    from mcscale.train.run_folder import latest_checkpoint
 
     state, _ = latest_checkpoint(run)
     return state["model"]
@@ -316,7 +316,7 @@ def _assert_runs_equal(one: Path, two: Path, keys=("loss", "l_r", "l_m", "l_s"))
                 assert rb[key] == pytest.approx(ra[key], **tolerance), (ra["step"], key)
         if "weights" in ra:
             assert rb["weights"] == pytest.approx(ra["weights"], rel=1e-5)
-    from mcscale.stage import read_run_config
+    from mcscale.train.run_folder import read_run_config
 
     pa, pb = _final_params(one), _final_params(two)
     assert pa.keys() == pb.keys()
@@ -483,12 +483,12 @@ ONE_STEP_AT, ONE_STEP_RUN = (0, 5, 10), 10
 
 
 def _one_step_parts(name: str, encoder_dir: Path, world: int):
-    from mcscale.cluster import build_cluster_model
     from mcscale.config import load_config
-    from mcscale.global_bn import convert_batchnorm
-    from mcscale.methods import build_method
-    from mcscale.pretrain import load_encoder
-    from mcscale.stage import load_views
+    from mcscale.data.loading import load_views
+    from mcscale.methods.base import build_method
+    from mcscale.models.global_bn import convert_batchnorm
+    from mcscale.train.evaluate import build_cluster_model
+    from mcscale.train.run_folder import load_encoder
 
     cfg = load_config("digits_lt", [*SMALL, *ONE_STEP_METHODS[name]])
     subset, _, views = load_views(cfg, torch.device("cpu"))
@@ -504,8 +504,8 @@ def one_step_from_states(name: str, encoder_dir: Path, states_file: Path, rank: 
     """For every saved state: load it, take one training step's forward and backward on this rank's
     rows of that step's global batch (``cluster.step_loss``, then the trainer's gradient average),
     and return the loss, statistics, weights, every parameter's gradient and the BatchNorm buffers."""
-    from mcscale.cluster import step_loss
     from mcscale.parallel import Parallel
+    from mcscale.train.cluster import step_loss
 
     cfg, views, model, method = _one_step_parts(name, encoder_dir, world)
     par = Parallel(rank, world, torch.device("cpu"))
@@ -541,9 +541,9 @@ def _one_step_case(runs: dict, rank: int) -> dict:
 
 def _saved_states(name: str, encoder_dir: Path, run: Path) -> Path:
     """The run's states at ONE_STEP_AT: its checkpoints, and step 0 (heads from K-means, fresh method)."""
-    from mcscale.cluster import _init_heads
     from mcscale.parallel import Parallel
-    from mcscale.stage import checkpoint_paths
+    from mcscale.train.cluster import _init_heads
+    from mcscale.train.run_folder import checkpoint_paths
 
     cfg, views, model, method = _one_step_parts(name, encoder_dir, 1)
     _init_heads(model, views, cfg, method.num_clusters, Parallel())

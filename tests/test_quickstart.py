@@ -10,8 +10,8 @@ import re
 import pytest
 
 from mcscale.cli import main, parse_args
+from mcscale.files import read_jsonl
 from mcscale.progress import LineProgress
-from mcscale.runtime import read_jsonl
 
 SMOKE = ["--cpu", "model.proj_hidden=32", "model.proj_dim=16", "logging.report=false", "cluster.eval_every=0",
          "cluster.batch_size=128", "cluster.kmeans_redo=1"]

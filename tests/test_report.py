@@ -1,13 +1,11 @@
 """Reports, `compare` and TensorBoard logging on one short real run (pretrain 3 steps, cluster 4 steps)."""
 
 import base64
-import io
 import itertools
 import json
 import math
 import shutil
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,21 +15,14 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
-from mcscale import plots
 from mcscale.cli import main
-from mcscale.compare import compare_runs
-from mcscale.evaluate import full_metrics
-from mcscale.reporting import (
-    PREDICTION_ARRAYS,
-    load_predictions,
-    load_run,
-    make_figures,
-    summary_table,
-    throughput_postfix,
-    write_report,
-)
-from mcscale.runtime import read_jsonl
-from mcscale.tb import ScalarWriter
+from mcscale.files import read_jsonl
+from mcscale.report import plots
+from mcscale.report.html import make_figures, summary_table, write_report
+from mcscale.report.tables import compare_runs
+from mcscale.train.evaluate import full_metrics
+from mcscale.train.run_folder import PREDICTION_ARRAYS, load_predictions, load_run
+from mcscale.train.tensorboard import ScalarWriter
 
 SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128"]
 PRETRAIN = ["--config", "digits_lt", "--cpu", "--batch-size", "128", *SMALL]
@@ -418,16 +409,3 @@ def test_plots_on_edge_cases(tmp_path, drawn):
     assert plots.training_curves([{"step": 0, "eval": {}}], 100, tmp_path / "t.png") is None
 
 
-def test_throughput_postfix():
-    from tqdm import tqdm
-
-    assert throughput_postfix(tqdm(total=5, disable=True), 128) == {}
-    for smoothing in (0.0, 0.3):  # tqdm's average rate, then its smoothed one
-        bar = tqdm(total=5, file=io.StringIO(), mininterval=0, miniters=1, smoothing=smoothing)
-        time.sleep(0.02)
-        bar.update(1)
-        time.sleep(0.02)
-        bar.update(1)
-        postfix = throughput_postfix(bar, 128)
-        bar.close()
-        assert set(postfix) == {"img/s"} and 0 < float(postfix["img/s"]) < 128 * 100

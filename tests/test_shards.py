@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mcscale.augment import AugmentConfig, strong_view, to_float
+from mcscale.config import AugmentConfig
+from mcscale.data.augment import strong_view, to_float
 from mcscale.data.sources import DataError, load_source, long_tail
-from mcscale.shards import format as fmt
-from mcscale.shards import prepare as prep
-from mcscale.shards.batch import StreamViews, decode_ascii
-from mcscale.shards.dali_loader import DaliLoader, dali_available
-from mcscale.shards.webdataset_loader import WebDatasetLoader
+from mcscale.data.shards import format as fmt
+from mcscale.data.shards import prepare as prep
+from mcscale.data.shards.batch import StreamViews, decode_ascii
+from mcscale.data.shards.dali_loader import DaliLoader, dali_available
+from mcscale.data.shards.webdataset_loader import WebDatasetLoader
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 LOADERS = [pytest.param("webdataset", id="webdataset"), pytest.param("dali", id="dali", marks=needs_dali)]
@@ -281,7 +282,7 @@ def test_missing_index_is_one_line_for_dali(damaged):
 @pytest.mark.parametrize("kind", LOADERS)
 def test_corrupt_shard_content_is_one_line(kind, damaged, monkeypatch):
     """Damage the checksum cannot see (a shard changed after the loader was built): reading reports it."""
-    from mcscale.shards import base
+    from mcscale.data.shards import base
 
     path = damaged / "shard-000002.tar"
     data = bytearray(path.read_bytes())
@@ -331,18 +332,18 @@ def test_cli_refuses_a_corrupt_shard_in_one_line(damaged, tmp_path, capsys):
 
 @pytest.fixture
 def hashed(monkeypatch):
-    """The files mcscale.runtime.sha256_of hashes (it still hashes them); the per-process memory of
+    """The files mcscale.files.sha256_of hashes (it still hashes them); the per-process memory of
     verified files starts empty."""
-    from mcscale import runtime
-    from mcscale.shards import verify
+    from mcscale import files as file_io
+    from mcscale.data.shards import verify
 
-    calls, real = [], runtime.sha256_of
+    calls, real = [], file_io.sha256_of
 
     def counting(path):
         calls.append(os.path.basename(path))
         return real(path)
 
-    monkeypatch.setattr(runtime, "sha256_of", counting)
+    monkeypatch.setattr(file_io, "sha256_of", counting)
     monkeypatch.setattr(verify, "_verified", set())
     return calls
 
@@ -355,7 +356,7 @@ def _age(folder, seconds_ago=10**6):
 
 
 def test_checksum_cache_skips_hashing_until_a_shard_changes(damaged, hashed, monkeypatch):
-    from mcscale.shards import verify
+    from mcscale.data.shards import verify
 
     shards = [f"shard-{i:06d}.tar" for i in range(8)]
     _age(damaged)
@@ -392,7 +393,7 @@ def test_checksum_cache_skips_hashing_until_a_shard_changes(damaged, hashed, mon
 
 
 def test_freshly_written_shards_are_hashed_but_not_cached(damaged, hashed):
-    from mcscale.shards import verify
+    from mcscale.data.shards import verify
 
     now = time.time_ns()
     for p in damaged.glob("shard-*"):
@@ -403,10 +404,10 @@ def test_freshly_written_shards_are_hashed_but_not_cached(damaged, hashed):
 
 
 def test_checksum_cache_of_a_read_only_folder(damaged, hashed, monkeypatch, tmp_path):
-    from mcscale import runtime
-    from mcscale.shards import verify
+    from mcscale import files as file_io
+    from mcscale.data.shards import verify
 
-    real = runtime.atomic_write_json
+    real = file_io.atomic_write_json
     refused = []
 
     def read_only(path, obj):
@@ -415,7 +416,7 @@ def test_checksum_cache_of_a_read_only_folder(damaged, hashed, monkeypatch, tmp_
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, obj)
 
-    monkeypatch.setattr(runtime, "atomic_write_json", read_only)
+    monkeypatch.setattr(file_io, "atomic_write_json", read_only)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     _age(damaged)
     WebDatasetLoader(damaged, 32, num_workers=0)
@@ -437,7 +438,7 @@ def test_checksum_cache_of_a_read_only_folder(damaged, hashed, monkeypatch, tmp_
 
 
 def test_stale_dali_index_is_refused(damaged):
-    from mcscale.shards.verify import verify_checksums
+    from mcscale.data.shards.verify import verify_checksums
 
     index = damaged / "shard-000004.idx"
     lines = index.read_text().splitlines()
@@ -513,8 +514,8 @@ def test_three_loaders_agree_in_distribution(tmp_path):
 
 
 def test_build_loader_falls_back_without_dali(prepared, monkeypatch, caplog):
-    from mcscale.shards import dali_loader
-    from mcscale.shards.loaders import build_loader
+    from mcscale.data.shards import dali_loader
+    from mcscale.data.shards.loaders import build_loader
 
     monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
     loader = build_loader("dali", prepared[0], 32, num_workers=0)

@@ -10,9 +10,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcscale.augment import AugmentConfig, Normalizer, apply_strong, clean_view, draw_strong, feature_view, to_float
-from mcscale.distributed import shard_rows
-from mcscale.runtime import step_generator
+from mcscale.data.augment import (
+    AugmentConfig,
+    Normalizer,
+    apply_strong,
+    clean_view,
+    draw_strong,
+    feature_view,
+    to_float,
+)
+from mcscale.parallel import shard_rows
+
+
+def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): resuming needs no generator state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
 
 
 @dataclass
@@ -99,16 +113,3 @@ class InMemoryViews:
         for start in range(lo, hi, batch_size):
             index = torch.arange(start, min(start + batch_size, hi))
             yield index, self.clean(index)
-
-
-def augment_config(settings) -> AugmentConfig:
-    return AugmentConfig(
-        crop_scale=tuple(settings.crop_scale),
-        crop_ratio=tuple(settings.crop_ratio),
-        flip_p=settings.flip_p,
-        jitter=tuple(settings.jitter),
-        jitter_p=settings.jitter_p,
-        grayscale_p=settings.grayscale_p,
-        feature_dropout=settings.feature_dropout,
-        feature_noise=settings.feature_noise,
-    )

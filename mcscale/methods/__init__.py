@@ -9,6 +9,7 @@ is imported when it is built.
 
 Adding a method: write ``mcscale/methods/<name>.py`` with a ``base.Method`` subclass, add
 ``METHODS["<name>"] = MethodEntry("<name>", "<Label>", "mcscale.methods.<name>:<Class>")``.
+``mcscale.methods.base.build_method`` builds the configured one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["METHODS", "MethodEntry", "build_method", "option"]
+__all__ = ["METHODS", "MethodEntry", "option"]
 
 
 def option(cfg: Any, key: str) -> Any:
@@ -75,18 +76,3 @@ METHODS: dict[str, MethodEntry] = {
     "p2ot": MethodEntry("p2ot", "P2OT", "mcscale.methods.p2ot:P2OT", weights="mini",
                         weights_option="p2ot.mini_weights", cosine=("p2ot.cosine_head", "p2ot.cosine_scale")),
 }
-
-
-def build_method(cfg, num_clusters: int, total_steps: int, device=None):
-    """The method of ``cfg.cluster.method`` over the ops of this process: the Triton kernels or the
-    reference (``cluster.kernels``), wrapped for the global batch when several ranks run."""
-    import torch
-
-    from mcscale import parallel
-    from mcscale.objectives.global_batch import GlobalOps
-    from mcscale.objectives.ops import select_ops
-
-    ops = select_ops(cfg.cluster.kernels, device or torch.device("cpu"))
-    if parallel.world_size() > 1:  # statistics of the global batch
-        ops = GlobalOps(ops, cfg.distributed.similarity_comm)
-    return METHODS[cfg.cluster.method].load().build(cfg, num_clusters, total_steps, ops)

@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mcscale import parallel
 from mcscale.config import ClusterConfig, Config
-from mcscale.objectives.ops import REFERENCE, Ops
+from mcscale.methods import METHODS
+from mcscale.objectives.global_batch import GlobalOps
+from mcscale.objectives.ops import REFERENCE, Ops, select_ops
 
 __all__ = ["Method", "BatchResult"]
 
@@ -54,3 +57,12 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def build_method(cfg, num_clusters: int, total_steps: int, device=None):
+    """The method of ``cfg.cluster.method`` over the ops of this process: the Triton kernels or the
+    reference (``cluster.kernels``), wrapped for the global batch when several ranks run."""
+    ops = select_ops(cfg.cluster.kernels, device or torch.device("cpu"))
+    if parallel.world_size() > 1:  # statistics of the global batch
+        ops = GlobalOps(ops, cfg.distributed.similarity_comm)
+    return METHODS[cfg.cluster.method].load().build(cfg, num_clusters, total_steps, ops)

@@ -54,7 +54,8 @@ class HeadGuided(Method):
         return c.alpha * l_m + c.beta * l_s, {"l_m": value(l_m), "l_s": value(l_s), "n_confident_m": n_m}
 
     def uses_fused_kernels(self) -> bool:
-        """The Triton ops' fused head objective (3 launches a step) covers the CE loss on one batch's counts."""
+        """The Triton ops' fused head objective (3 launches a step, 4 when K + M > 128) covers the CE
+        loss on one batch's counts."""
         c = self.cfg
         return self.ops.fused and c.loss == "ce" and c.weight_estimate == "batch"
 

@@ -5,7 +5,8 @@ A method never calls an objective function directly: it calls ``self.ops.<operat
 
 * ``ReferenceOps`` (``REFERENCE``): ``mcscale.objectives.reference``, one process, PyTorch.
 * ``TritonOps``: the Triton kernels of ``mcscale.kernels`` for the counts, the class weights, the
-  confident CE and L_s, plus the fused head objective (3 launches a step); the reference for the rest.
+  confident CE and L_s, plus the fused head objective (3 launches a step, 4 when K + M > 128);
+  the reference for the rest.
 * ``GlobalOps`` (``mcscale.objectives.global_batch``): the same quantities over the global batch of
   several ranks, with one of the two above as its local ops.
 

@@ -1,4 +1,5 @@
-"""Small run-time helpers: devices, seeds, progress bars, atomic files, safe checkpoints, logs.
+"""Files written so that a kill never leaves them half-written, their sha256 sidecars, the
+weights-only checkpoint loader, and the append-only JSON-lines log.
 
 torch is imported inside the functions that use it: the command line imports this module (through
 the shard tools) while it checks a run's configuration, before any heavy import."""
@@ -13,42 +14,14 @@ import json
 import os
 import pickle
 import re
-import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mcscale.errors import RunError, StopRequested  # noqa: F401  (re-exported)
-from mcscale.progress import progress  # noqa: F401  (re-exported)
+from mcscale.errors import RunError
 
 if TYPE_CHECKING:
-    import torch
-
-
-def pick_device(name: str, force_cpu: bool = False) -> torch.device:
-    import torch
-
-    if force_cpu or name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("device: cuda was asked for but no CUDA device is visible; use --cpu or device=auto")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
-def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
-    """A generator that depends only on (seed, step, stream): resuming needs no generator state."""
-    import torch
-
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
-    return g
+    pass
 
 
 # ---------------------------------------------------------------- files
@@ -223,72 +196,3 @@ def prepare_out_dir(path: str | Path) -> Path:
     except OSError as err:
         raise RunError(f"--out {out}: cannot write there ({err.strerror}); pick a writable folder") from None
     return out
-
-
-class StepGuard:
-    """What a training loop checks between steps.
-
-    - SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) set a flag; the loop writes a
-      checkpoint at the next step boundary and stops cleanly.
-    - A non-finite loss skips the update; after ``max_nonfinite`` in a row the run stops, its last
-      good checkpoint intact.
-    """
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
-
-    def __init__(self, max_nonfinite: int = 5, saved_step: int | None = None):
-        self.max_nonfinite = max_nonfinite
-        self.saved_step = saved_step  # step of the newest checkpoint on disk (None: none yet)
-        self.consecutive = 0
-        self.signal_name: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    @property
-    def stop_requested(self) -> bool:
-        return self.signal_name is not None
-
-    def loss_is_finite(self, loss: torch.Tensor, step: int, indices) -> bool:
-        import torch
-
-        if bool(torch.isfinite(loss.detach()).all()):
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        if self.consecutive >= self.max_nonfinite:
-            kept = (f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None
-                    else "no checkpoint was written yet")
-            raise RunError(
-                f"step {step}: {self.consecutive} non-finite losses in a row (last batch indices"
-                f" {list(map(int, indices[:8]))}...); {kept}; lower the learning rate"
-                " or check the data for NaN/inf"
-            )
-        return False
-
-    def end_of_step(self, step: int, total: int, every: int, save, run_dir, agree=None) -> None:
-        """Checkpoint on schedule, at the end, or when asked to stop; then stop if asked.
-
-        ``agree(flag) -> bool`` (several ranks): true on every rank when any rank was signalled, so
-        all ranks checkpoint and stop at the same step.
-        """
-        stop = self.stop_requested if agree is None else agree(self.stop_requested)
-        if stop and self.signal_name is None:
-            self.signal_name = "a signal to another rank"
-        if step % every == 0 or step == total or stop:
-            save()
-            self.saved_step = step
-        if stop and step < total:
-            raise StopRequested(
-                f"stopped by {self.signal_name} at step {step}; checkpoint written to {run_dir};"
-                " continue with the same command and --resume auto"
-            )
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}

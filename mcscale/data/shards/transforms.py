@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from mcscale.augment import AugmentConfig, clean_view
+from mcscale.config import AugmentConfig
+from mcscale.data.augment import clean_view
 
 
 def strong_transform(cfg: AugmentConfig, size: int, mean, std) -> v2.Compose:

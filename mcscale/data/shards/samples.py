@@ -16,7 +16,15 @@ from typing import Callable
 
 import numpy as np
 
-from mcscale.data.sources import IMAGE_SUFFIXES, DataError, Source, _existing_root, _read_list, load_source, long_tail
+from mcscale.data.sources import (
+    IMAGE_SUFFIXES,
+    DataError,
+    Source,
+    _existing_root,
+    _read_list,
+    load_source,
+    long_tail,
+)
 
 IN_MEMORY = ("digits", "mnist", "cifar10", "cifar20", "cifar100", "stl10")
 FILES = ("imagefolder", "imagelist")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mcscale.config import AugmentConfig
+
 __all__ = [
     "AugmentConfig",
     "Normalizer",
@@ -42,32 +44,6 @@ __all__ = [
 LUMA = (0.299, 0.587, 0.114)
 # torchvision retries a crop box this many times before falling back to a centre crop.
 CROP_ATTEMPTS = 10
-
-
-@dataclass
-class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    feature_dropout: float = 0.1  # embeddings only
-    feature_noise: float = 0.05  # embeddings only: noise std relative to the per-dimension std
-
-    def __post_init__(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"AugmentConfig.crop_scale={self.crop_scale}: need 0 < low <= high <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"AugmentConfig.crop_ratio={self.crop_ratio}: need 0 < low <= high")
-        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            raise ValueError(f"AugmentConfig.jitter={self.jitter}: need 4 values >= 0, hue <= 0.5")
-        for name in ("flip_p", "jitter_p", "grayscale_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"AugmentConfig.{name}={getattr(self, name)}: must be a probability")
-        if not 0 <= self.feature_dropout < 1:
-            raise ValueError(f"AugmentConfig.feature_dropout={self.feature_dropout}: need 0 <= p < 1")
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,13 +1,14 @@
-"""What every stage (pretrain, cluster, eval) sets up the same way: run folder, device, data, checkpoints."""
+"""The run folder: the one place that reads and writes config.yaml, log.jsonl, checkpoints,
+encoder.pt, predictions and the folder's lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +16,22 @@ import torch
 import yaml
 
 from mcscale import config as config_mod
-from mcscale.data.sources import long_tail, load_source
-from mcscale.data.views import InMemoryViews, augment_config
-from mcscale.runtime import (
+from mcscale.errors import RunError
+from mcscale.files import (
     JsonlLog,
-    RunError,
     atomic_torch_save,
     atomic_write_bytes,
     checksum_path,
     prepare_out_dir,
+    read_jsonl,
     safe_torch_load,
 )
-from mcscale.tb import ScalarWriter
+from mcscale.models.byol import build_byol
+from mcscale.train.tensorboard import ScalarWriter
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
 KEEP_CHECKPOINTS = 2
 
 
@@ -59,64 +62,31 @@ def write_config(out: Path, cfg: config_mod.Config, extra: dict | None = None) -
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(values, sort_keys=False).encode())
 
 
-def read_run_config(run_dir: Path) -> tuple[config_mod.Config, dict]:
+def read_run_yaml(run_dir: Path, who: str = "`mcscale cluster` or `pretrain`") -> tuple[dict, dict]:
+    """The one reader of config.yaml: (its raw values without the ``run:`` block, that block). Raw, so
+    that reports and comparisons still read runs written before a key was added or renamed."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise RunError(f"{path}: not found; --run must be a folder written by `mcscale cluster` or `pretrain`")
+        raise RunError(f"{path}: not found; --run must be a folder written by {who}")
     values = yaml.safe_load(path.read_text()) or {}
-    extra = values.pop("run", {}) or {}
+    return values, values.pop("run", {}) or {}
+
+
+def read_run_config(run_dir: Path) -> tuple[config_mod.Config, dict]:
+    """The run's configuration, typed and validated, and its ``run:`` block."""
+    values, extra = read_run_yaml(run_dir)
     return config_mod.from_dict(values), extra
 
 
-@dataclass
-class ShardedSubset:
-    """What the stages need of a prepared (sharded) subset: its labels and number of classes."""
-
-    labels: np.ndarray
-    num_classes: int
-
-
-def _load_sharded_views(cfg: config_mod.Config, device: torch.device, batch_size: int, rank: int, world_size: int):
-    from mcscale.shards.batch import StreamViews
-    from mcscale.shards.loaders import build_loader
-
-    d = cfg.data
-    loader = build_loader(
-        d.loader, d.shards, batch_size // world_size, num_workers=d.num_workers, augment=augment_config(cfg.augment),
-        image_size=d.image_size, seed=cfg.seed, rank=rank, world_size=world_size,
-    )
-    views = StreamViews(loader, device)
-    labels = views.labels.numpy()
-    counts = np.bincount(labels, minlength=int(labels.max()) + 1).tolist()
-    return ShardedSubset(labels, len(counts)), counts, views
-
-
-def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | None = None, parallel=None):
-    """The long-tailed subset of the configured source: in-memory views on ``device`` (data.loader
-    tensor; every rank holds it all and takes its rows of each global batch), or a sharded loader's
-    stream (webdataset / dali) built for this rank's share of the global ``batch_size``."""
-    d = cfg.data
-    if d.loader != "tensor":
-        rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
-        return _load_sharded_views(cfg, device, batch_size or cfg.cluster.batch_size, rank, world)
-    source = load_source(
-        d.source, d.root, image_size=d.load_size, split=d.split, labels_file=d.labels_file, num_workers=d.num_workers
-    )
-    if d.imbalance_ratio is None:  # the source already is the subset (e.g. an ImageNet-LT list)
-        subset = source
-        counts = np.bincount(source.labels[source.labels >= 0], minlength=source.num_classes).tolist()
-    else:
-        subset, counts = long_tail(source, d.imbalance_ratio, d.n_max)
-    views = InMemoryViews(subset, augment_config(cfg.augment), device, d.image_size)
-    return subset, counts, views
-
-
-def rows_per_step(key: str, batch_size: int, num_samples: int, par) -> int:
-    """Samples in each global batch: ``batch_size``, or the whole set when that is smaller (said once)."""
-    if batch_size > num_samples and par.is_main:
-        print(f"mcscale: {key} {batch_size} is larger than the {num_samples} samples; every step uses all "
-              f"{num_samples}")
-    return min(batch_size, num_samples)
+def read_metrics(run_dir: Path) -> dict:
+    """metrics.json of a run ({} before the stage has written one)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}: not valid JSON ({err.msg})") from None
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -237,16 +207,10 @@ def check_compatible(saved: dict, expected: dict, path: Path) -> None:
             )
 
 
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
 # ---------------------------------------------------------------- one writer per run folder
 LOCK_FILE = ".mcscale.lock"
+
+
 _HELD_LOCKS: dict[str, object] = {}  # resolved run folder -> the open lock file of this process
 
 
@@ -264,13 +228,18 @@ def lock_run_folder(out: Path) -> None:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunError(f"--out {out}: in use by {holder}; wait for that run to end, or pick another --out") from None
+    _HELD_LOCKS[key] = handle
+
+
+def _sign_lock(out: Path) -> None:
+    """Write who holds the lock into it (once the run is accepted: a refused run changes no file)."""
+    handle = _HELD_LOCKS[str(Path(out).resolve())]
     command = " ".join(["mcscale"] + sys.argv[1:])[:160]
     handle.seek(0)
     handle.truncate()
     handle.write(f"`{command}` (pid {os.getpid()} on {socket.gethostname()}, since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     handle.flush()
-    _HELD_LOCKS[key] = handle
 
 
 def unlock_run_folder(out: Path) -> None:
@@ -291,6 +260,7 @@ def open_run_folder(par, out_dir, resume: bool, overwrite: bool = False) -> Path
         try:
             if not resume:
                 start_fresh(out, overwrite)
+            _sign_lock(out)
         except BaseException:
             unlock_run_folder(out)
             raise
@@ -353,3 +323,74 @@ def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
         detail = " ".join(str(err).split())
         raise RunError(f"{path}: its weights do not fit this model ({detail[:200]}); "
                        "it was written by another architecture or mcscale version: train again") from None
+
+
+ENCODER_FILE = "encoder.pt"
+
+
+def load_encoder(encoder_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The encoder saved by `mcscale pretrain` (weights only, never unpickled objects)."""
+    from mcscale.files import safe_torch_load
+
+    path = Path(encoder_dir) / ENCODER_FILE if Path(encoder_dir).is_dir() else Path(encoder_dir)
+    if not path.is_file():
+        raise RunError(f"--encoder {encoder_dir}: no {ENCODER_FILE} there; run `mcscale pretrain --out {encoder_dir}` first")
+    saved = safe_torch_load(path)
+    arch = saved["architecture"]
+    encoder = build_byol(arch).encoder()
+    load_weights(encoder, saved["encoder"], path)
+    return encoder.to(device), arch
+
+
+REPORT_DIR = "report"
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+PREDICTION_ARRAYS = ("labels", "pred_target", "pred_aux", "features")
+
+
+# ---------------------------------------------------------------- reading a run
+def load_run(run_dir) -> dict:
+    """A clustering run's raw config (without its ``run:`` block), that block, metrics and the records
+    of log.jsonl."""
+    run_dir = Path(run_dir)
+    config, run = read_run_yaml(run_dir, "`mcscale cluster`")
+    if run.get("stage") != "cluster":
+        raise RunError(f"--run {run_dir}: not a clustering run (config.yaml says stage {run.get('stage')!r})")
+    log_path = run_dir / "log.jsonl"
+    records = read_jsonl(log_path) if log_path.is_file() else []
+    return {"dir": run_dir, "config": config, "run": run, "metrics": read_metrics(run_dir), "records": records}
+
+
+# ---------------------------------------------------------------- predictions
+def prediction_arrays(preds: dict, labels) -> dict[str, np.ndarray]:
+    """The arrays of predictions.npz from ``evaluate.predict``'s output and the true labels."""
+    return {
+        "labels": np.asarray(labels, dtype=np.int64),
+        "pred_target": preds["target"].numpy().astype(np.int64),
+        "pred_aux": preds["aux"].numpy().astype(np.int64),
+        "features": preds["features"].float().numpy().astype(np.float32),
+    }
+
+
+def save_predictions(run_dir, predictions: dict, step: int | None = None) -> Path:
+    """np.savez of plain arrays (loads with allow_pickle=False); ``step`` tells a stale file apart."""
+    path = Path(run_dir) / REPORT_DIR / PREDICTIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {name: np.asarray(predictions[name]) for name in PREDICTION_ARRAYS}
+    arrays["features"] = arrays["features"].astype(np.float32)
+    arrays["step"] = np.asarray(-1 if step is None else step, dtype=np.int64)
+    tmp = path.with_name(f".{path.name}.tmp.npz")  # np.savez appends .npz to names without it
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_predictions(run_dir) -> dict[str, np.ndarray] | None:
+    path = Path(run_dir) / REPORT_DIR / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}

@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mcscale.augment import AugmentConfig
-from mcscale.runtime import write_csv
+from mcscale.config import AugmentConfig
+from mcscale.files import write_csv
 
 # (image size, number of images, batch size): a few seconds per loader on two CPU cores.
 CONFIGS = ((32, 512, 64), (224, 192, 32))
@@ -67,9 +67,9 @@ def _tensor_epochs(root: Path, size: int, batch: int, device: str):
 
 
 def _run_config(size: int, count: int, batch: int, device: str, repeats: int, env: dict, work: Path) -> list[dict]:
-    from mcscale.shards.dali_loader import DaliLoader, dali_available
-    from mcscale.shards.prepare import prepare
-    from mcscale.shards.webdataset_loader import WebDatasetLoader
+    from mcscale.data.shards.dali_loader import DaliLoader, dali_available
+    from mcscale.data.shards.prepare import prepare
+    from mcscale.data.shards.webdataset_loader import WebDatasetLoader
 
     root, shards = work / f"jpeg{size}", work / f"shards{size}"
     generate_jpegs(root, size, count)

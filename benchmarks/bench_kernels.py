@@ -7,8 +7,8 @@ weights from view-1 argmaxes, weight-sum normalisation, class-balanced L_m, cosi
 (a) ``eager``: written like the authors' code: N x N cosine-similarity matrices, bincount, boolean
     indexing and F.cross_entropy.
 (b) ``compile``: ``torch.compile`` of (a).
-(c) ``fused``: ``mcscale.kernels.head_objective``, the whole step in 3 Triton launches (at every
-    size: K + M > 128 included).
+(c) ``fused``: ``mcscale.kernels.head_objective``, the whole step in 3 Triton launches (4 when
+    K + M > 128).
 (d) ``ops``: the per-op kernels of ``mcscale.kernels`` composed as HeadGuided did before (c): about a
     dozen launches a step.
 (c) and (d) run on CUDA only: the CPU interpreter is no speed measurement.
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mcscale.runtime import write_csv
+from mcscale.files import write_csv
 
 SIZES = tuple((n, k, m) for n in (512, 4096) for k, m in ((10, 40), (200, 100), (1000, 200), (1000, 4000)))
 DELTA, TAU, ALPHA, BETA = 0.3, 0.99, 0.2, 0.5  # CIFAR-10 r10 settings of METHOD.md section 5

@@ -22,7 +22,7 @@ def build_loader(kind: str, manifest_dir, batch_size: int, *, num_workers: int =
     if kind not in KINDS:
         raise DataError(f"data.loader: {kind!r} reads no shards; choose one of {', '.join(KINDS)} (or tensor)")
     if kind == "dali":
-        from mcscale.shards.dali_loader import DaliLoader, dali_available
+        from mcscale.data.shards.dali_loader import DaliLoader, dali_available
 
         if dali_available():
             return DaliLoader(manifest_dir, batch_size, num_threads=max(1, num_workers), **kwargs)
@@ -33,6 +33,6 @@ def build_loader(kind: str, manifest_dir, batch_size: int, *, num_workers: int =
     except ImportError:
         raise DataError("data.loader=webdataset: the webdataset package is missing; pip install webdataset, "
                         "or use data.loader=tensor") from None
-    from mcscale.shards.webdataset_loader import WebDatasetLoader
+    from mcscale.data.shards.webdataset_loader import WebDatasetLoader
 
     return WebDatasetLoader(manifest_dir, batch_size, num_workers=num_workers, **kwargs)

@@ -18,22 +18,22 @@ import numpy as np
 
 from mcscale.data.sources import DataError
 from mcscale.progress import progress
-from mcscale.shards import format as fmt
-from mcscale.shards.samples import Plan, encode_array, plan
-from mcscale.shards.verify import CACHE as CHECKSUM_CACHE
+from mcscale.data.shards import format as fmt
+from mcscale.data.shards.samples import Plan, encode_array, plan
+from mcscale.data.shards.verify import CACHE as CHECKSUM_CACHE
 
 PROGRESS = ".prepare-progress.json"
 DEFAULT_SHARD_SIZE = 1000
 ORDER_SEED = 0
 # Our temporary files (format.atomic_write names them ".<final name>.<random>.tmp").
-# The loaders' checksum cache (mcscale.shards.verify) is written the same way.
+# The loaders' checksum cache (mcscale.data.shards.verify) is written the same way.
 _TEMP_PREFIXES = (".shard-", f".{fmt.MANIFEST}.", f".{fmt.LABELS}.", f".{PROGRESS}.", f".{CHECKSUM_CACHE}.")
 
 
 def prepare(source: str, root: str | None, imbalance_ratio: float | None, n_max: int | None, shard_size: int,
             out_dir, labels_file: str | None = None, image_size: int | None = None, split: str = "train",
             show_progress: bool = True) -> dict:
-    """Write ``out_dir`` (see mcscale.shards.format) and return the manifest.
+    """Write ``out_dir`` (see mcscale.data.shards.format) and return the manifest.
 
     imbalance_ratio None keeps every sample. image_size applies to image-file sources only (resize to
     image_size x image_size and re-encode, as load_source's load size); in-memory sources are stored

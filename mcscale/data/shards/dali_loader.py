@@ -2,7 +2,7 @@
 
 Reading: ``fn.readers.webdataset`` over every tar with its index file; every rank passes the same full
 ordered list with ``shard_id=rank, num_shards=world_size``, ``pad_last_batch=True`` and a named
-reader, so DALI's per-sample split is exactly mcscale.shards.batch's (and the WebDataset loader's).
+reader, so DALI's per-sample split is exactly mcscale.data.shards.batch's (and the WebDataset loader's).
 Decoding: ``fn.decoders.image`` on the GPU ("mixed") when one is used, else on the CPU
 (``device_id=None``); the augmentations then run where the images are.
 
@@ -19,7 +19,7 @@ The ``.cls`` / ``.idx`` fields arrive as raw ASCII bytes: they are zero-padded i
 (fn.pad) and decoded to integers on the host.
 
 Checks: building the loader checks every shard's and every index file's size and SHA-256 against the
-manifest (mcscale.shards.base, mcscale.shards.verify), so a same-size corrupt shard or a stale index
+manifest (mcscale.data.shards.base, mcscale.data.shards.verify), so a same-size corrupt shard or a stale index
 (whose offsets would silently read the wrong bytes) is refused before DALI opens them.
 """
 
@@ -29,11 +29,11 @@ import re
 
 import torch
 
-from mcscale.augment import AugmentConfig
+from mcscale.config import AugmentConfig
 from mcscale.data.sources import DataError
-from mcscale.shards import batch as B
-from mcscale.shards.base import ShardLoader
-from mcscale.shards.format import sha256_file
+from mcscale.data.shards import batch as B
+from mcscale.data.shards.base import ShardLoader
+from mcscale.data.shards.format import sha256_file
 
 LUMA = (0.299, 0.587, 0.114)  # as mcscale.augment / torchvision
 READER = "reader"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from mcscale.augment import AugmentConfig
+from mcscale.config import AugmentConfig
 from mcscale.data.sources import DataError
-from mcscale.shards import batch as B
-from mcscale.shards.format import load_manifest
-from mcscale.shards.verify import verify_checksums
+from mcscale.data.shards import batch as B
+from mcscale.data.shards.format import load_manifest
+from mcscale.data.shards.verify import verify_checksums
 
 
 class ShardLoader:
@@ -16,7 +16,7 @@ class ShardLoader:
 
     Building one checks the folder: every shard present with its manifest size (load_manifest), then,
     after the cheaper checks, every shard's SHA-256 (and with ``need_index`` every DALI index's), with
-    the per-process and on-disk cache of mcscale.shards.verify: a bad file is a one-line DataError
+    the per-process and on-disk cache of mcscale.data.shards.verify: a bad file is a one-line DataError
     naming it and the `mcscale prepare` command that rewrites it. Each rank checks every shard."""
 
     def __init__(self, manifest_dir, batch_size: int, *, augment: AugmentConfig | None, image_size: int | None,

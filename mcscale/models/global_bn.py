@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mcscale.distributed import COMM, world_size
+from mcscale.parallel import COMM, world_size
 
 
 class _SumOverRanks(torch.autograd.Function):

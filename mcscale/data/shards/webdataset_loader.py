@@ -1,17 +1,17 @@
 """WebDataset + torchvision v2 loader over a prepared folder (``data.loader=webdataset``).
 
 Reading: the ``webdataset`` library's tar iterator (``tarfile_samples``) and shuffle buffer, in
-DataLoader workers. Splitting (see mcscale.shards.batch): the rank's contiguous range of the ordered
+DataLoader workers. Splitting (see mcscale.data.shards.batch): the rank's contiguous range of the ordered
 samples is cut again into one contiguous sub-range per worker; each worker opens only the shards its
 sub-range touches and skips, undecoded, the samples of a boundary shard that are not its own.
 
-Augmentation: mcscale.shards.transforms per sample in the workers, each view seeded from (seed,
+Augmentation: mcscale.data.shards.transforms per sample in the workers, each view seeded from (seed,
 epoch, sample index, view); the shard order and shuffle buffer are seeded from (seed, epoch, rank
 range, worker). A given (seed, epoch, rank, world_size, num_workers) thus always gives the same
 batches, which is what lets a resumed run replay an epoch exactly.
 
 Checks: building the loader checks every shard's size and SHA-256 against the manifest, in the main
-process, once per process (mcscale.shards.base, mcscale.shards.verify). Errors in a worker (a shard
+process, once per process (mcscale.data.shards.base, mcscale.data.shards.verify). Errors in a worker (a shard
 changed or removed after that, an undecodable image) come back as data and are raised in the main
 process as one-line DataErrors naming the shard and the fix.
 """
@@ -23,12 +23,12 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mcscale.augment import AugmentConfig
+from mcscale.config import AugmentConfig
 from mcscale.data.sources import DataError
-from mcscale.shards import batch as B
-from mcscale.shards.base import ShardLoader
-from mcscale.shards.format import IMAGE_EXTS
-from mcscale.shards.transforms import CleanTransform, strong_transform
+from mcscale.data.shards import batch as B
+from mcscale.data.shards.base import ShardLoader
+from mcscale.data.shards.format import IMAGE_EXTS
+from mcscale.data.shards.transforms import CleanTransform, strong_transform
 
 
 class WebDatasetLoader(ShardLoader):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcscale.augment import Normalizer
+from mcscale.data.augment import Normalizer
 from mcscale.data.sources import DataError
 from mcscale.data.views import ViewBatch
 

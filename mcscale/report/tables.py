@@ -1,30 +1,38 @@
-"""`mcscale compare`: one table of metrics across clustering runs, each with its K-means baseline."""
+"""Plain-text tables of clustering metrics, and `mcscale compare`: one table across runs, each
+with its K-means baseline."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
+from mcscale.errors import RunError
+from mcscale.methods import METHODS
 
-from mcscale.report import COLUMNS
-from mcscale.runtime import RunError
+COLUMNS = ("acc", "caa", "nmi", "ari", "head", "medium", "tail")
+
+
+def metrics_table(rows: dict[str, dict], columns=COLUMNS) -> str:
+    """One line per run: metric fractions printed as percentages with one decimal."""
+    shown = [c for c in columns if any(c in r for r in rows.values())]
+    width = max(len("method"), *(len(name) for name in rows))
+    lines = [f"{'method':<{width}}  " + "  ".join(f"{c.upper():>6}" for c in shown)]
+    for name, row in rows.items():
+        cells = [f"{100 * row[c]:6.1f}" if c in row and row[c] == row[c] else f"{'-':>6}" for c in shown]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _read(run_dir: Path) -> tuple[str, dict]:
     """(method, metrics) of a run folder; raw YAML so that older config layouts still compare."""
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
-    for path in (metrics_path, config_path):
-        if not path.is_file():
-            raise RunError(f"{path}: not found; compare takes folders written by `mcscale cluster`")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunError(f"{metrics_path}: not valid JSON ({err.msg})") from None
-    config = yaml.safe_load(config_path.read_text()) or {}
+    from mcscale.train.run_folder import read_metrics, read_run_yaml
+
+    if not (run_dir / "metrics.json").is_file():
+        raise RunError(f"{run_dir / 'metrics.json'}: not found; compare takes folders written by `mcscale cluster`")
+    metrics = read_metrics(run_dir)
+    config, _ = read_run_yaml(run_dir, "`mcscale cluster`")
     method = str(config.get("cluster", {}).get("method", "?"))
-    if config.get("cluster", {}).get("method") == "p2ot" and config.get("p2ot", {}).get("mini_weights"):
-        method = "p2ot+mini"
+    if method in METHODS:  # p2ot with its mini weights reads "p2ot+mini"
+        method = METHODS[method].display_name(config)
     return method, metrics
 
 

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from mcscale.p2ot import p2ot_plan
-from mcscale.runtime import write_csv
+from mcscale.objectives.p2ot import p2ot_plan
+from mcscale.files import write_csv
 
 N = 5120
 KS = (10, 100, 1000)

@@ -8,9 +8,9 @@ A prepared folder holds:
 - ``labels.npy``: the subset's int64 labels in index order (evaluation needs them without a full read).
 - ``manifest.json``: counts, checksums and how the folder was made (written last, atomically).
 - ``.sha256-cache.json``: written by the loaders, not by prepare: which shards already matched their
-  manifest SHA-256 (mcscale.shards.verify).
+  manifest SHA-256 (mcscale.data.shards.verify).
 
-A loader checks each shard's size (``load_manifest``) and SHA-256 (mcscale.shards.verify) when it is
+A loader checks each shard's size (``load_manifest``) and SHA-256 (mcscale.data.shards.verify) when it is
 built, so a missing, truncated or same-size corrupt shard is refused before any batch is read.
 
 Samples are written in a fixed pseudo-random order (``write_order`` in the manifest), so any
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcscale.data.sources import DataError
-from mcscale.runtime import atomic_write_bytes, sha256_of
+from mcscale.files import atomic_write_bytes, sha256_of
 
 FORMAT = "mcscale-shards/1"
 MANIFEST = "manifest.json"
@@ -185,7 +185,7 @@ def load_manifest(folder, check_files: bool = True, need_index: bool = False) ->
     """Read ``folder/manifest.json``; with ``check_files``, also check every shard is present with its
     recorded size (a cheap stat that catches missing and truncated shards before any worker starts),
     and with ``need_index`` that every DALI index file is present and names the right sample count.
-    The SHA-256 check (same-size corruption) is mcscale.shards.verify's, which the loaders run next."""
+    The SHA-256 check (same-size corruption) is mcscale.data.shards.verify's, which the loaders run next."""
     root = Path(folder).expanduser()
     path = root / MANIFEST if root.is_dir() or not root.name.endswith(".json") else root
     root = path.parent

@@ -10,41 +10,23 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from mcscale import plots
-from mcscale.report import COLUMNS, metrics_table
-from mcscale.runtime import RunError, atomic_write_bytes, read_jsonl
-
-REPORT_DIR = "report"
-PREDICTIONS_FILE = "predictions.npz"
-PREDICTION_ARRAYS = ("labels", "pred_target", "pred_aux", "features")
-
-
-# ---------------------------------------------------------------- reading a run
-def load_run(run_dir) -> dict:
-    """config (raw YAML, without its ``run:`` block), run (that block), metrics, records of log.jsonl.
-
-    The raw YAML is used rather than ``config.from_dict`` so that reports and comparisons still work on
-    runs written before a config key was added or renamed.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"{path}: not found; --run must be a folder written by `mcscale cluster`")
-    config = yaml.safe_load(path.read_text()) or {}
-    run = config.pop("run", {}) or {}
-    if run.get("stage") != "cluster":
-        raise RunError(f"--run {run_dir}: not a clustering run (config.yaml says stage {run.get('stage')!r})")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    log_path = run_dir / "log.jsonl"
-    records = read_jsonl(log_path) if log_path.is_file() else []
-    return {"dir": run_dir, "config": config, "run": run, "metrics": metrics, "records": records}
+from mcscale.errors import RunError
+from mcscale.files import atomic_write_bytes
+from mcscale.report import plots
+from mcscale.report.tables import COLUMNS, metrics_table
+from mcscale.train.run_folder import (
+    PREDICTIONS_FILE,
+    REPORT_DIR,
+    load_predictions,
+    load_run,
+    prediction_arrays,
+    save_predictions,
+)
 
 
 def batch_size(run: dict) -> int:
@@ -54,43 +36,10 @@ def batch_size(run: dict) -> int:
     return min(size, int(samples)) if samples else size
 
 
-# ---------------------------------------------------------------- predictions
-def prediction_arrays(preds: dict, labels) -> dict[str, np.ndarray]:
-    """The arrays of predictions.npz from ``evaluate.predict``'s output and the true labels."""
-    return {
-        "labels": np.asarray(labels, dtype=np.int64),
-        "pred_target": preds["target"].numpy().astype(np.int64),
-        "pred_aux": preds["aux"].numpy().astype(np.int64),
-        "features": preds["features"].float().numpy().astype(np.float32),
-    }
-
-
-def save_predictions(run_dir, predictions: dict, step: int | None = None) -> Path:
-    """np.savez of plain arrays (loads with allow_pickle=False); ``step`` tells a stale file apart."""
-    path = Path(run_dir) / REPORT_DIR / PREDICTIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: np.asarray(predictions[name]) for name in PREDICTION_ARRAYS}
-    arrays["features"] = arrays["features"].astype(np.float32)
-    arrays["step"] = np.asarray(-1 if step is None else step, dtype=np.int64)
-    tmp = path.with_name(f".{path.name}.tmp.npz")  # np.savez appends .npz to names without it
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
-
-
-def load_predictions(run_dir) -> dict[str, np.ndarray] | None:
-    path = Path(run_dir) / REPORT_DIR / PREDICTIONS_FILE
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
-
-
 def compute_predictions(run_dir, force_cpu: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """Clean-view predictions and features of the latest checkpoint, reloaded as ``run_eval`` does."""
-    from mcscale.cluster import load_cluster_run
-    from mcscale.evaluate import predict
-    from mcscale.stage import checkpoint_paths
+    from mcscale.train.evaluate import load_cluster_run, predict
+    from mcscale.train.run_folder import checkpoint_paths
 
     if not checkpoint_paths(run_dir):
         raise RunError(f"--run {run_dir}: no checkpoint and no {REPORT_DIR}/{PREDICTIONS_FILE}; nothing to predict with")
@@ -132,20 +81,6 @@ def summary_table(metrics: dict) -> str:
         if key in final:
             extras.append(f"{key} {final[key]}")
     return text + ("\n" + "  ".join(extras) if extras else "")
-
-
-def throughput_postfix(bar, items_per_step: int) -> dict:
-    """``{"img/s": ...}`` for ``bar.set_postfix`` from tqdm's smoothed rate (the bar already shows the ETA).
-
-    Empty while the rate is unknown or the bar is disabled (output not a terminal).
-    """
-    if getattr(bar, "disable", True):
-        return {}
-    info = bar.format_dict
-    rate = info.get("rate")
-    if rate is None and info.get("elapsed"):  # no smoothed rate (smoothing=0): the average, as tqdm shows it
-        rate = (info["n"] - (info.get("initial") or 0)) / info["elapsed"]
-    return {"img/s": f"{rate * items_per_step:.0f}"} if rate else {}
 
 
 # ---------------------------------------------------------------- figures + HTML
@@ -195,6 +130,8 @@ CAPTIONS = {
                   "2-D projection of the L2-normalised clean-view features, coloured by true class (left) and "
                   "by predicted cluster (right)."),
 }
+
+
 MISSING = {
     "confusion": "no predictions: the run has no checkpoint and no report/predictions.npz",
     "weights": "no weight estimates in log.jsonl (methods mini, maxi and p2ot with mini_weights log them)",

@@ -3,7 +3,7 @@
 ``load_manifest`` only compares sizes (a stat); a shard with the right size but other bytes (a flipped
 bit, a bad copy) would otherwise be found only if decoding happened to fail, and a damaged label or
 index field decodes fine. So every loader hashes each shard (and, for DALI, each index file) with
-mcscale.runtime.sha256_of and refuses a mismatch with one line naming the file and the `mcscale
+mcscale.files.sha256_of and refuses a mismatch with one line naming the file and the `mcscale
 prepare` command to rerun (which rewrites exactly the bad shards).
 
 Cache: hashing a large set on every run is slow, so a file that matched the manifest is remembered by
@@ -28,10 +28,10 @@ import os
 import time
 from pathlib import Path
 
-from mcscale import runtime
+from mcscale import files as file_io
 from mcscale.data.sources import DataError
 from mcscale.progress import progress
-from mcscale.shards import format as fmt
+from mcscale.data.shards import format as fmt
 
 CACHE = ".sha256-cache.json"
 CACHE_FORMAT = "mcscale-sha256-cache/1"
@@ -69,7 +69,7 @@ def verify_checksums(manifest: fmt.Manifest, need_index: bool = False, show_prog
         for path, expected, index_of, key, st in todo:
             started = time.time_ns()
             try:
-                actual = runtime.sha256_of(path)
+                actual = file_io.sha256_of(path)
                 after = os.stat(path)
             except OSError as err:
                 raise DataError(f"{path}: unreadable ({err.strerror or type(err).__name__}); "
@@ -130,7 +130,7 @@ def _read_cache(locations: list[Path]) -> dict:
 def _write_cache(locations: list[Path], files: dict) -> None:
     for path in locations:
         try:
-            runtime.atomic_write_json(path, {"format": CACHE_FORMAT, "files": files})
+            file_io.atomic_write_json(path, {"format": CACHE_FORMAT, "files": files})
             return
         except OSError:
             continue  # read-only folder: the next place, or no cache at all

@@ -1,0 +1,1 @@
+"""Networks: backbones, BYOL, the two-head clustering model, global-batch BatchNorm, K-means init."""

@@ -1,0 +1,183 @@
+"""Evaluation on the clean view of the long-tailed training set (METHOD section 5 and 6), and
+`mcscale eval`: a clustering run reloaded from its latest checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcscale import objectives as obj
+from mcscale import parallel
+from mcscale.config import Config
+from mcscale.data.loading import load_views
+from mcscale.errors import RunError
+from mcscale.files import atomic_write_json
+from mcscale.methods import METHODS
+from mcscale.metrics import (
+    cluster_metrics,
+    head_medium_tail,
+    hungarian_match,
+    per_class_accuracy,
+    spearman,
+)
+from mcscale.models.byol import build_byol
+from mcscale.models.heads import ClusterModel
+from mcscale.parallel import Parallel, all_gather_cat, pick_device
+from mcscale.train.run_folder import (
+    check_compatible,
+    latest_checkpoint,
+    load_weights,
+    read_run_config,
+)
+
+
+@torch.no_grad()
+def predict(model, views, parallel=None) -> dict:
+    """Target / auxiliary head assignments and encoder features of every sample, in dataset order.
+
+    With a ``parallel`` of world size W > 1 every rank predicts its share of the clean pass (the
+    shares are disjoint: sharded loaders drop their padding repeats) and the shares are gathered with
+    their sample indices, so every rank returns the whole set.
+    """
+    rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    labels, features = [], []
+    for index, x in views.clean_batches(rank=rank, world_size=world):
+        f = model.features(x)
+        logits_t, logits_m = model.heads(f)
+        labels.append(torch.stack([index.to(f.device), logits_t.argmax(1), logits_m.argmax(1)], dim=1))
+        features.append(f)
+    model.train(was_training)
+    labels, features = torch.cat(labels), torch.cat(features)
+    if world > 1:  # two gathers: the integer columns together, then the features
+        labels, features = all_gather_cat(labels), all_gather_cat(features)
+    index = labels[:, 0].cpu()
+    n = len(views)
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[index] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"predict: the clean pass missed {int((~seen).sum())} of {n} samples")
+    # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
+    out = {"target": torch.zeros(n, dtype=torch.long), "aux": torch.zeros(n, dtype=torch.long),
+           "features": torch.zeros(n, features.shape[1], dtype=features.dtype)}
+    out["target"][index] = labels[:, 1].cpu()
+    out["aux"][index] = labels[:, 2].cpu()
+    out["features"][index] = features.cpu()
+    return out
+
+
+def full_metrics(y_true, y_pred, class_counts) -> dict:
+    """ACC / CAA / NMI / ARI plus per-class accuracy and head / medium / tail (fractions)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    out = cluster_metrics(y_true, y_pred)
+    mapping = hungarian_match(y_true, y_pred)
+    out["per_class"] = [float(v) for v in per_class_accuracy(y_true, y_pred, mapping)]
+    groups = head_medium_tail(y_true, y_pred, class_counts)
+    out.update({name: float(groups[name]) for name in ("head", "medium", "tail")})
+    out["num_clusters_used"] = int(len(np.unique(y_pred)))
+    return out
+
+
+def weight_tracking(pred_t, pred_aux, y_true, num_clusters: int, num_aux: int, delta: float, mode: str) -> dict:
+    """Do the estimated weights track the true class sizes?
+
+    Counts over the whole set (clean view) give weights per cluster; n_k = M / w_k is the effective
+    number of mini-clusters. Each cluster is paired with the size of the class it is matched to by
+    the Hungarian matching, and the Spearman correlation between n_k and that size is reported
+    (positive when the estimate works, in both modes: a maxi weight grows for tail clusters, so M / w_k
+    shrinks with them).
+    """
+    counts = obj.contingency(pred_t, pred_aux, num_clusters, num_aux)
+    weights = obj.class_weights(counts, delta, mode)
+    y_true = np.asarray(y_true)
+    sizes = np.bincount(y_true)
+    mapping = hungarian_match(y_true, pred_t.numpy())
+    matched = [k for k in range(num_clusters) if k in mapping]
+    effective = obj.effective_counts(weights, num_aux)
+    rho = spearman(effective[matched].numpy(), sizes[[mapping[k] for k in matched]]) if len(matched) > 1 else float("nan")
+    return {
+        "weight_spearman": float(rho),
+        "weights": [float(w) for w in weights],
+        "matched_class_sizes": [int(sizes[mapping[k]]) if k in mapping else 0 for k in range(num_clusters)],
+    }
+
+
+def _identity(cfg: Config, k: int, arch: dict) -> dict:
+    """What a checkpoint must agree on to be resumed or evaluated by this config."""
+    cosine = METHODS[cfg.cluster.method].cosine_head(cfg)
+    return {"num_clusters": k, "num_aux": cfg.cluster.num_aux, "backbone": arch["backbone"],
+            "method": cfg.cluster.method, "cosine_head": cosine}
+
+
+def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with_predictions: bool = False,
+                   par: Parallel | None = None):
+    """Metrics of the model on the clean view (and the predictions themselves when asked). Under
+    several ranks every rank predicts its share and gets (and scores) the whole set."""
+    preds = predict(model, views, par)
+    result = full_metrics(labels, preds["target"].numpy(), class_counts)
+    c = cfg.cluster
+    mode = METHODS[c.method].weight_mode(cfg)
+    if mode is not None:
+        result.update(weight_tracking(preds["target"], preds["aux"], labels, k, c.num_aux, c.delta, mode))
+    return (result, preds) if with_predictions else result
+
+
+def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, device, k: int) -> ClusterModel:
+    cosine = METHODS[cfg.cluster.method].cosine_scale(cfg)
+    return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux, cosine_scale=cosine).to(device)
+
+
+@dataclass
+class LoadedRun:
+    """A clustering run reloaded from its latest checkpoint, ready to predict."""
+
+    cfg: Config
+    state: dict
+    model: ClusterModel
+    subset: object
+    class_counts: list
+    views: object
+    num_clusters: int
+
+
+def load_cluster_run(run_dir: str | Path, force_cpu: bool = False, par: Parallel | None = None) -> LoadedRun:
+    run_dir = Path(run_dir)
+    cfg, extra = read_run_config(run_dir)
+    if extra.get("stage") != "cluster":
+        raise RunError(f"--run {run_dir}: not a clustering run (config.yaml says stage {extra.get('stage')!r})")
+    device = par.device if par is not None else pick_device(cfg.device, force_cpu)
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise RunError(f"--run {run_dir}: no checkpoint; the run has not reached its first checkpoint")
+    state, path = found
+    subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size, par)
+    k = extra["num_clusters"]
+    arch = state["architecture"]
+    model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
+    check_compatible(state["identity"], _identity(cfg, k, arch), path)
+    load_weights(model, state["model"], path)
+    return LoadedRun(cfg, state, model, subset, class_counts, views, k)
+
+
+def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
+    """Re-evaluate the latest checkpoint of a clustering run (each rank predicts its share under a
+    multi-process launcher; rank 0 writes metrics.json)."""
+    run_cfg, _ = read_run_config(Path(run_dir))
+    par = parallel.setup(run_cfg.device, force_cpu)
+    # rank 0 settles on the checkpoint (setting broken ones aside) before the others look
+    par.on_main(lambda: latest_checkpoint(Path(run_dir)) and None)
+    run = load_cluster_run(run_dir, force_cpu, par)
+    final = evaluate_model(run.model, run.views, run.subset.labels, run.class_counts, run.cfg, run.num_clusters,
+                           par=par)
+    final["steps"] = run.state["step"]
+    final["skipped_batches"] = run.state["skipped"]
+    metrics = {"kmeans": run.state["kmeans"], "final": final}
+    if par.is_main:
+        atomic_write_json(Path(run_dir) / "metrics.json", metrics)
+    par.barrier()
+    return metrics
