@@ -7,12 +7,9 @@ from pathlib import Path
 
 import torch
 
-from mcscale import parallel
 from mcscale.config import Config, check_against_data
-from mcscale.data.loading import load_views
 from mcscale.files import atomic_write_json
 from mcscale.methods.base import build_method
-from mcscale.models.global_bn import convert_batchnorm
 from mcscale.models.heads import ClusterModel
 from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import COMM, Parallel
@@ -23,7 +20,7 @@ from mcscale.train.evaluate import (
     full_metrics,
     predict,
 )
-from mcscale.train.loop import Schedule, StepResult, run_steps, seed_everything
+from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.run_folder import (
     RunLogger,
     load_encoder,
@@ -76,21 +73,15 @@ def run_cluster(
     resume_from: str | Path | None = None,
 ) -> dict:
     c = cfg.cluster
-    parallel.check_global_batch(c.batch_size, parallel.launched_world_size(), "cluster.batch_size",
-                                cfg.distributed.sync_batchnorm)
-    par = parallel.setup(cfg.device, force_cpu)
+    par, subset, class_counts, views = start_stage(cfg, c.batch_size, "cluster.batch_size", force_cpu)
     device = par.device
-    seed_everything(cfg.seed)
-    subset, class_counts, views = load_views(cfg, device, c.batch_size, par)
     k = check_against_data(cfg, len(views), subset.num_classes)
     out = open_run_folder(par, out_dir, resume, overwrite)
     try:
         labels = subset.labels
         encoder, arch = load_encoder(encoder_dir, device)
         model = build_cluster_model(cfg, encoder, arch, device, k)
-        if par.active and cfg.distributed.sync_batchnorm:
-            convert_batchnorm(model)
-        par.broadcast_state(model)
+        share_model(model, par, cfg)
         identity = _identity(cfg, k, arch)
         per_epoch = views.steps_per_epoch(c.batch_size)
         total = cfg.max_steps or c.epochs * per_epoch

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mcscale.errors import RunError, StopRequested
+from mcscale import parallel
+from mcscale.data.loading import load_views
+from mcscale.models.global_bn import convert_batchnorm
 from mcscale.parallel import COMM
 from mcscale.progress import progress
 
@@ -176,3 +179,21 @@ def run_steps(*, name: str, par, views, seed: int, batch_size: int, batch_key: s
         guard.close()
         bar.close()
     return step, skipped
+
+
+def start_stage(cfg, batch_size: int, batch_key: str, force_cpu: bool):
+    """What every training stage does first: refuse a global batch the ranks cannot share, join the
+    process group, seed, and load the data (before the run folder exists, so a source or loader that
+    fails to start leaves no folder behind). Returns (par, subset, class counts, views)."""
+    parallel.check_global_batch(batch_size, parallel.launched_world_size(), batch_key, cfg.distributed.sync_batchnorm)
+    par = parallel.setup(cfg.device, force_cpu)
+    seed_everything(cfg.seed)
+    subset, counts, views = load_views(cfg, par.device, batch_size, par)
+    return par, subset, counts, views
+
+
+def share_model(model: torch.nn.Module, par, cfg) -> None:
+    """Global-batch BatchNorm (``distributed.sync_batchnorm``) and rank 0's weights on every rank."""
+    if par.active and cfg.distributed.sync_batchnorm:
+        convert_batchnorm(model)
+    par.broadcast_state(model)

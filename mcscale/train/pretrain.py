@@ -8,14 +8,11 @@ from pathlib import Path
 
 import torch
 
-from mcscale import parallel
 from mcscale.config import Config
-from mcscale.data.loading import load_views
 from mcscale.files import atomic_torch_save
 from mcscale.models.byol import build_byol, byol_momentum
-from mcscale.models.global_bn import convert_batchnorm
 from mcscale.parallel import all_reduce_sum
-from mcscale.train.loop import Schedule, StepResult, run_steps, seed_everything
+from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.run_folder import (
     ENCODER_FILE,
     RunLogger,
@@ -53,20 +50,13 @@ def run_pretrain(
     resume_from: str | Path | None = None,
 ) -> Path:
     p = cfg.pretrain
-    parallel.check_global_batch(p.batch_size, parallel.launched_world_size(), "pretrain.batch_size",
-                                cfg.distributed.sync_batchnorm)
-    par = parallel.setup(cfg.device, force_cpu)
+    par, subset, counts, views = start_stage(cfg, p.batch_size, "pretrain.batch_size", force_cpu)
     device = par.device
-    seed_everything(cfg.seed)
-    # the data first: a source or loader that fails to start leaves no run folder behind
-    subset, counts, views = load_views(cfg, device, p.batch_size, par)
     out = open_run_folder(par, out_dir, resume, overwrite)
     try:
         arch = architecture(cfg, views)
         byol = build_byol(arch).to(device)
-        if par.active and cfg.distributed.sync_batchnorm:
-            convert_batchnorm(byol)
-        par.broadcast_state(byol)
+        share_model(byol, par, cfg)
         optimizer = torch.optim.SGD(
             byol.param_groups(p.lr, p.predictor_lr_mult, p.weight_decay), lr=p.lr, momentum=p.momentum
         )
