@@ -49,6 +49,7 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, force_cpu: bool = False, 
                               resume=resume)
         if run_cfg.logging.report:
             write_report(out / name, force_cpu=force_cpu)
+        results.setdefault("input_kmeans", _summary(metrics["input_kmeans"]))
         results.setdefault("kmeans", _summary(metrics["kmeans"]))
         results[name] = _summary(metrics["final"])
     summary = {

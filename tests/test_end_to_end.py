@@ -321,3 +321,30 @@ def test_sharded_loader_needs_shards(capsys, tmp_path):
     code = main(["pretrain", *PRETRAIN, "--out", str(tmp_path / "o"), "data.loader=webdataset"])
     err = capsys.readouterr().err
     assert code == 2 and "data.shards" in err
+
+
+def test_input_kmeans_is_kmeans_on_the_flattened_clean_view(encoder_dir, tmp_path):
+    """metrics.json's raw-input baseline equals a plain recomputation: the normalised 8x8 digits
+    flattened to 64 values, the same spherical K-means (K, seed, iterations, restarts), the same metrics."""
+    import numpy as np
+    import sklearn.metrics
+
+    from mcscale.config import load_config
+    from mcscale.data.loading import load_views
+    from mcscale.models.kmeans import spherical_kmeans
+    from mcscale.train.evaluate import full_metrics
+
+    assert _cluster(encoder_dir, tmp_path / "a", "--max-steps", "1", "logging.report=false") == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    cfg = load_config("digits_lt", SMALL)
+    subset, counts, views = load_views(cfg, torch.device("cpu"))
+    pixels = views.clean(torch.arange(len(views))).flatten(1)
+    assert pixels.shape == (707, 64)
+    c = cfg.cluster
+    _, assign = spherical_kmeans(pixels, 10, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+    expected = full_metrics(subset.labels, assign.numpy(), counts)
+    assert metrics["input_kmeans"] == json.loads(json.dumps(expected))
+    assert metrics["input_kmeans"]["ari"] == pytest.approx(
+        sklearn.metrics.adjusted_rand_score(subset.labels, assign.numpy()), abs=1e-12)
+    assert metrics["input_kmeans"] != metrics["kmeans"]
+    assert 0.5 < metrics["input_kmeans"]["acc"] < 1.0 and len(np.unique(assign.numpy())) == 10

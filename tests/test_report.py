@@ -259,11 +259,13 @@ def test_compare_prints_both_runs_with_their_numbers(runs, capsys):
     out = capsys.readouterr().out
     assert out.strip() == compare_runs([runs / "mini", runs / "self"])
     rows = _table_rows(out)
-    assert list(rows) == ["mini (mini)", "mini (kmeans)", "self (selflabel)", "self (kmeans)"]
+    assert list(rows) == ["mini (mini)", "mini (kmeans)", "mini (input kmeans)",
+                          "self (selflabel)", "self (kmeans)", "self (input kmeans)"]
     for name in ("mini", "self"):
         metrics = json.loads((runs / name / "metrics.json").read_text())
         method = "mini" if name == "mini" else "selflabel"
-        for part, row in ((metrics["final"], rows[f"{name} ({method})"]), (metrics["kmeans"], rows[f"{name} (kmeans)"])):
+        for part, row in ((metrics["final"], rows[f"{name} ({method})"]), (metrics["kmeans"], rows[f"{name} (kmeans)"]),
+                          (metrics["input_kmeans"], rows[f"{name} (input kmeans)"])):
             for key in ("acc", "caa", "nmi", "ari", "head", "medium", "tail"):
                 assert row[key.upper()] == f"{100 * part[key]:.1f}", (name, key)
     final = json.loads((runs / "mini" / "metrics.json").read_text())["final"]
@@ -299,8 +301,9 @@ def test_summary_table(runs):
     metrics = json.loads((runs / "mini" / "metrics.json").read_text())
     text = summary_table(metrics)
     lines = text.splitlines()
-    assert lines[1].startswith("kmeans") and lines[2].startswith("final")
-    assert f"weight_spearman {metrics['final']['weight_spearman']:+.3f}" in lines[3] and "steps 4" in lines[3]
+    assert [line.split()[0] for line in lines[1:4]] == ["input_kmeans", "kmeans", "final"]
+    assert lines[1].split()[1] == f"{100 * metrics['input_kmeans']['acc']:.1f}"
+    assert f"weight_spearman {metrics['final']['weight_spearman']:+.3f}" in lines[4] and "steps 4" in lines[4]
 
 
 def test_tensorboard_event_file_holds_the_scalars(runs, tmp_path):

@@ -70,8 +70,8 @@ def _fmt_signed(value) -> str:
 
 
 def summary_table(metrics: dict) -> str:
-    """The K-means vs final table (percentages) and a line with the final run's extra numbers."""
-    rows = {name: metrics[name] for name in ("kmeans", "final") if name in metrics}
+    """The baselines vs final table (percentages) and a line with the final run's extra numbers."""
+    rows = {name: metrics[name] for name in ("input_kmeans", "kmeans", "final") if name in metrics}
     text = metrics_table(rows)
     final = metrics.get("final", {})
     extras = []
@@ -147,11 +147,11 @@ def _pct(value) -> str:
 def _metrics_html(metrics: dict) -> str:
     head = "".join(f"<th>{c.upper()}</th>" for c in COLUMNS)
     rows = []
-    for name in ("kmeans", "final"):
+    labels = {"input_kmeans": "K-means on the input", "kmeans": "encoder + K-means", "final": "final model"}
+    for name, label in labels.items():
         if name in metrics:
             m = metrics[name]
             cells = "".join(f"<td>{_pct(m.get(c))}</td>" for c in COLUMNS)
-            label = "encoder + K-means" if name == "kmeans" else "final model"
             rows.append(f"<tr><th>{label}</th>{cells}<td>{_fmt_signed(m.get('weight_spearman'))}</td>"
                         f"<td>{m.get('num_clusters_used', '-')}</td></tr>")
     return (f"<table><tr><th></th>{head}<th>Spearman(w)</th><th>clusters used</th></tr>{''.join(rows)}</table>"

@@ -50,7 +50,8 @@ def _cell(row: dict, key: str) -> str:
 
 
 def compare_runs(dirs) -> str:
-    """Rows ``NAME (METHOD)`` and ``NAME (kmeans)`` per run; percentages, Spearman as a signed value."""
+    """Rows ``NAME (METHOD)``, ``NAME (kmeans)`` and ``NAME (input kmeans)`` per run; percentages,
+    Spearman as a signed value."""
     dirs = [Path(d) for d in dirs]
     if not dirs:
         raise RunError("compare: give at least one run folder")
@@ -59,6 +60,8 @@ def compare_runs(dirs) -> str:
         method, metrics = _read(run_dir)
         rows.append((f"{name} ({method})", metrics.get("final", {})))
         rows.append((f"{name} (kmeans)", metrics.get("kmeans", {})))
+        if "input_kmeans" in metrics:
+            rows.append((f"{name} (input kmeans)", metrics["input_kmeans"]))
     columns = list(COLUMNS)
     if any("weight_spearman" in row for _, row in rows):
         columns.append("weight_spearman")

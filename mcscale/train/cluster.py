@@ -14,6 +14,8 @@ from mcscale.models.heads import ClusterModel
 from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import COMM, Parallel
 from mcscale.train.evaluate import (
+    _input_baseline,
+    input_features,
     _identity,
     build_cluster_model,
     evaluate_model,
@@ -51,6 +53,18 @@ def _init_heads(model: ClusterModel, views, cfg: Config, k: int, par: Parallel) 
     centers_t, centers_m, assign = [par.broadcast(t.to(par.device)) for t in shared]
     model.init_heads(centers_t.to(features.dtype), centers_m.to(features.dtype), c.head_scale)
     return assign.cpu().numpy()
+
+
+def _input_kmeans(views, cfg: Config, k: int, par: Parallel):
+    """The raw-input baseline: the same spherical K-means as the encoder baseline (K, seed, iterations,
+    restarts, backend) on the flattened clean view, on rank 0; its assignment is broadcast."""
+    features = input_features(views, par)
+    c = cfg.cluster
+    if par.is_main:
+        _, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+    else:
+        assign = torch.zeros(features.shape[0], dtype=torch.long)
+    return par.broadcast(assign.long().to(par.device)).cpu().numpy()
 
 
 def step_loss(model: ClusterModel, method, batch, step: int):
@@ -98,12 +112,15 @@ def run_cluster(
                                     "world_size": par.world_size})
         if state:
             step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
+            baselines = {"kmeans": kmeans_metrics, **_input_baseline(state)}
         else:
             baseline = _init_heads(model, views, cfg, k, par)
             kmeans_metrics = full_metrics(labels, baseline, class_counts)
+            input_assign = _input_kmeans(views, cfg, k, par)
+            baselines = {"kmeans": kmeans_metrics, "input_kmeans": full_metrics(labels, input_assign, class_counts)}
             step, skipped = 0, 0
             if par.is_main:
-                atomic_write_json(out / "metrics.json", {"kmeans": kmeans_metrics})
+                atomic_write_json(out / "metrics.json", baselines)
         log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
 
         def evaluate(**kwargs):
@@ -119,7 +136,7 @@ def run_cluster(
         def checkpoint(at_step: int, skipped_now: int) -> None:
             save_on_main(par, out, at_step, {
                 "step": at_step, "skipped": skipped_now, "identity": identity, "architecture": arch,
-                "kmeans": kmeans_metrics, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                **baselines, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "method": method.state_dict(),
             })
 
@@ -146,7 +163,7 @@ def run_cluster(
         final, preds = evaluate(with_predictions=True)
         final["skipped_batches"] = skipped
         final["steps"] = step
-        metrics = {"kmeans": kmeans_metrics, "final": final}
+        metrics = {**baselines, "final": final}
         if log:
             log.eval(step, final)
             log.close()

@@ -35,39 +35,73 @@ from mcscale.train.run_folder import (
 
 
 @torch.no_grad()
-def predict(model, views, parallel=None) -> dict:
-    """Target / auxiliary head assignments and encoder features of every sample, in dataset order.
+def _clean_pass(views, parallel, columns_and_features) -> tuple[torch.Tensor, torch.Tensor]:
+    """``columns_and_features(x) -> (integer columns (B, c), features (B, D))`` over the clean view of
+    every sample, in dataset order: (columns N x c, features N x D).
 
-    With a ``parallel`` of world size W > 1 every rank predicts its share of the clean pass (the
-    shares are disjoint: sharded loaders drop their padding repeats) and the shares are gathered with
-    their sample indices, so every rank returns the whole set.
-    """
+    With a ``parallel`` of world size W > 1 every rank passes its share of the clean view (the shares
+    are disjoint: sharded loaders drop their padding repeats) and the shares are gathered with their
+    sample indices, so every rank returns the whole set."""
     rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
-    was_training = model.training
-    model.eval()
-    labels, features = [], []
+    columns, features = [], []
     for index, x in views.clean_batches(rank=rank, world_size=world):
-        f = model.features(x)
-        logits_t, logits_m = model.heads(f)
-        labels.append(torch.stack([index.to(f.device), logits_t.argmax(1), logits_m.argmax(1)], dim=1))
+        ints, f = columns_and_features(x)
+        columns.append(torch.cat([index.to(f.device).view(-1, 1), ints], dim=1))
         features.append(f)
-    model.train(was_training)
-    labels, features = torch.cat(labels), torch.cat(features)
+    columns, features = torch.cat(columns), torch.cat(features)
     if world > 1:  # two gathers: the integer columns together, then the features
-        labels, features = all_gather_cat(labels), all_gather_cat(features)
-    index = labels[:, 0].cpu()
+        columns, features = all_gather_cat(columns), all_gather_cat(features)
+    index = columns[:, 0].cpu()
     n = len(views)
     seen = torch.zeros(n, dtype=torch.bool)
     seen[index] = True
     if not bool(seen.all()):
         raise RuntimeError(f"predict: the clean pass missed {int((~seen).sum())} of {n} samples")
     # placed by index: sharded loaders yield their clean batches in shard order, not dataset order
-    out = {"target": torch.zeros(n, dtype=torch.long), "aux": torch.zeros(n, dtype=torch.long),
-           "features": torch.zeros(n, features.shape[1], dtype=features.dtype)}
-    out["target"][index] = labels[:, 1].cpu()
-    out["aux"][index] = labels[:, 2].cpu()
-    out["features"][index] = features.cpu()
-    return out
+    ordered_columns = torch.zeros(n, columns.shape[1] - 1, dtype=torch.long)
+    ordered_features = torch.zeros(n, features.shape[1], dtype=features.dtype)
+    ordered_columns[index] = columns[:, 1:].cpu()
+    ordered_features[index] = features.cpu()
+    return ordered_columns, ordered_features
+
+
+@torch.no_grad()
+def predict(model, views, parallel=None) -> dict:
+    """Target / auxiliary head assignments and encoder features of every sample, in dataset order
+    (the whole set on every rank of a multi-process run)."""
+    def heads(x):
+        f = model.features(x)
+        logits_t, logits_m = model.heads(f)
+        return torch.stack([logits_t.argmax(1), logits_m.argmax(1)], dim=1), f
+
+    was_training = model.training
+    model.eval()
+    try:
+        assignments, features = _clean_pass(views, parallel, heads)
+    finally:
+        model.train(was_training)
+    return {"target": assignments[:, 0], "aux": assignments[:, 1], "features": features}
+
+
+INPUT_SIDE = 32  # images larger than this per side are average-pooled for the input baseline
+
+
+def input_features(views, parallel=None) -> torch.Tensor:
+    """The clean view of every sample flattened, as the network sees it (normalised pixels, or the
+    embeddings themselves): what the raw-input K-means baseline clusters. Images larger than
+    INPUT_SIDE pixels a side are average-pooled to it first (224 px ImageNet images would need
+    150k dimensions a sample)."""
+    def flat(x):
+        if x.dim() == 4 and max(x.shape[-2:]) > INPUT_SIDE:  # large images: K-means on a pooled copy
+            x = torch.nn.functional.adaptive_avg_pool2d(x, [min(side, INPUT_SIDE) for side in x.shape[-2:]])
+        return torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), x.flatten(1).float()
+
+    return _clean_pass(views, parallel, flat)[1]
+
+
+def _input_baseline(state: dict) -> dict:
+    """{"input_kmeans": ...} from a checkpoint ({} for one written before the baseline existed)."""
+    return {"input_kmeans": state["input_kmeans"]} if "input_kmeans" in state else {}
 
 
 def full_metrics(y_true, y_pred, class_counts) -> dict:
@@ -176,7 +210,7 @@ def run_eval(run_dir: str | Path, force_cpu: bool = False) -> dict:
                            par=par)
     final["steps"] = run.state["step"]
     final["skipped_batches"] = run.state["skipped"]
-    metrics = {"kmeans": run.state["kmeans"], "final": final}
+    metrics = {"kmeans": run.state["kmeans"], **_input_baseline(run.state), "final": final}
     if par.is_main:
         atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     par.barrier()
