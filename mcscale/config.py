@@ -54,8 +54,9 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet50", "small_cnn", "mlp"] = "resnet18"
-    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool
+    # identity: heads on the input itself (images flattened; embeddings as given), nothing to pre-train
+    backbone: Literal["resnet18", "resnet50", "vit_b_16", "small_cnn", "mlp", "identity"] = "resnet18"
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (not with model.weights: the weights' stem)
     proj_hidden: int = 4096
     proj_dim: int = 512
 
@@ -70,6 +71,33 @@ class PretrainConfig:
     predictor_lr_mult: float = 10.0
     warmup_epochs: int = 10
     ema: float = 0.996  # base EMA momentum of the target network
+    weights: typing.Optional[str] = None  # local weights file of resnet18 / resnet50 / vit_b_16 (.pt, .safetensors, DINO keys)
+    trainable: Literal["all", "last_block", "none"] = "all"  # encoder parameters the clustering stage trains
+    adapter: Literal["none", "residual_mlp"] = "none"  # residual MLP after the encoder, initialised to the identity map
+
+    def builds_encoder(self) -> bool:
+        """Whether the clustering stage can build its encoder from this config alone (no --encoder)."""
+        return self.backbone == "identity" or self.weights is not None
+
+    def check_encoder_source(self, stage: str, encoder_given: bool) -> None:
+        """One encoder, named once: an --encoder run (a BYOL encoder) or the config (identity /
+        model.weights); pre-training starts from random weights and has nothing to do for identity."""
+        if stage == "pretrain":
+            if self.backbone == "identity":
+                raise ConfigError("model.backbone: identity has nothing to pre-train; run `mcscale cluster` without"
+                                  " --encoder")
+            if self.weights is not None:
+                raise ConfigError("model.weights: BYOL pre-training starts from random weights; drop model.weights,"
+                                  " or cluster on the pretrained encoder directly (`mcscale cluster` without --encoder)")
+            return
+        if encoder_given and self.builds_encoder():
+            what = "model.backbone=identity" if self.backbone == "identity" else f"model.weights={self.weights}"
+            raise ConfigError(f"--encoder and {what} both name the encoder; drop --encoder to use {what}, or"
+                              " drop that setting to use the pre-trained run")
+        if not encoder_given and not self.builds_encoder():
+            raise ConfigError(f"{stage}: no encoder: pass --encoder RUN (a `mcscale pretrain` folder), set"
+                              " model.weights=PATH (with model.backbone resnet18, resnet50 or vit_b_16) or"
+                              " model.backbone=identity")
     ema_schedule: Literal["cosine", "constant"] = "cosine"  # cosine increase to 1 (BYOL) or constant
     checkpoint_every: int = 200  # optimiser steps
 
@@ -289,7 +317,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 # ---------------------------------------------------------------- validation
 # classes of the sources whose class count is fixed: K is known (and M checked against it) before any data loads
 KNOWN_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar20": 20, "cifar100": 100, "stl10": 10}
-IMAGE_BACKBONES = ("resnet18", "resnet50", "small_cnn")
+IMAGE_BACKBONES = ("resnet18", "resnet50", "vit_b_16", "small_cnn")
+PRETRAINED_BACKBONES = ("resnet18", "resnet50", "vit_b_16")  # model.weights / trainable: last_block
 
 
 def _check(cond: bool, message: str):
@@ -385,11 +414,24 @@ def check_heads(cfg: Config, k: int) -> None:
 
 
 def _check_backbone(cfg: Config) -> None:
-    """Embeddings need the feature MLP, images an image backbone (sharded loaders hold images)."""
-    backbone, source = cfg.model.backbone, cfg.data.source
+    """Embeddings need the feature MLP or identity, images an image backbone or identity (sharded
+    loaders hold images); weights and a last-block schedule only where there is a pretrained backbone."""
+    m, source = cfg.model, cfg.data.source
+    backbone = m.backbone
     if cfg.data.loader == "tensor" and source == "embeddings":
-        _check(backbone == "mlp", f"model.backbone: {backbone} is an image backbone but data.source is embeddings;"
-               " set model.backbone=mlp")
+        _check(backbone in ("mlp", "identity"), f"model.backbone: {backbone} is an image backbone but data.source is"
+               " embeddings; set model.backbone=mlp (or identity: heads on the embeddings themselves)")
     elif backbone == "mlp":
         _check(False, f"model.backbone: mlp reads embeddings but the data are images ({cfg.data.source});"
-               f" use one of {', '.join(IMAGE_BACKBONES)}")
+               f" use one of {', '.join(IMAGE_BACKBONES)} or identity")
+    if m.weights is not None:
+        _check(backbone in PRETRAINED_BACKBONES, f"model.weights: {backbone} takes no weights file; set model.backbone"
+               f" to the weights' architecture ({', '.join(PRETRAINED_BACKBONES)})")
+        _check(cfg.data.loader == "tensor", f"model.weights: the weights' preprocessing (ImageNet mean / std) is"
+               f" applied by the tensor loader only (data.loader: {cfg.data.loader}); use data.loader=tensor")
+    if m.trainable == "last_block":
+        _check(backbone in PRETRAINED_BACKBONES, f"model.trainable: last_block needs a backbone with blocks"
+               f" ({', '.join(PRETRAINED_BACKBONES)}), not {backbone}; use all or none")
+    if backbone == "vit_b_16" and cfg.data.image_size is not None:
+        _check(cfg.data.image_size % 16 == 0, f"data.image_size: {cfg.data.image_size} is not a multiple of"
+               " vit_b_16's 16-pixel patches")
