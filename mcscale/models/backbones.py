@@ -1,14 +1,20 @@
-"""Backbones: torchvision ResNet-18 / 50 (optionally with the CIFAR stem), a small CNN for tiny
-images, and an MLP for precomputed embeddings; each maps a batch to (N, feature_dim) features."""
+"""Backbones: torchvision ResNet-18 / 50 (optionally with the CIFAR stem), torchvision ViT-B/16, a small
+CNN for tiny images, an MLP for precomputed embeddings, and identity (the input itself, flattened);
+each maps a batch to (N, feature_dim) features. Weights files: mcscale.models.pretrained."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-BACKBONES = ("resnet18", "resnet50", "small_cnn", "mlp")
+BACKBONES = ("resnet18", "resnet50", "vit_b_16", "small_cnn", "mlp", "identity")
+
+# torchvision's ViT-B/16 shape; tests shrink it through this table (the weights' mapping is shape-free)
+VIT_SHAPES = {"vit_b_16": {"patch_size": 16, "num_layers": 12, "num_heads": 12, "hidden_dim": 768, "mlp_dim": 3072}}
+INPUT_SIDE = 32  # identity / the raw-input baseline: images larger than this per side are average-pooled
 
 
 # ---------------------------------------------------------------- backbones
@@ -67,12 +73,74 @@ def _feature_mlp(input_dim: int) -> tuple[nn.Module, int]:
     return net, 512
 
 
+def flatten_input(x: Tensor) -> Tensor:
+    """The input as a feature vector: embeddings as they are, images flattened after average-pooling
+    to at most INPUT_SIDE pixels a side (a 224 px image would need 150k dimensions a sample)."""
+    if x.dim() == 4 and max(x.shape[-2:]) > INPUT_SIDE:
+        x = F.adaptive_avg_pool2d(x, [min(side, INPUT_SIDE) for side in x.shape[-2:]])
+    return x.flatten(1).float()
+
+
+class FlattenInput(nn.Module):
+    """The identity backbone: ``flatten_input`` (no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return flatten_input(x)
+
+
+class ThreeChannels(nn.Module):
+    """Grey (one-channel) images repeated to the three channels an ImageNet network expects."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class ResidualMLP(nn.Module):
+    """x + W2 gelu(W1 x + b1) + b2 with W2, b2 = 0: exactly the identity map at initialisation, so the
+    clustering stage starts from its input's features and training moves them from there."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+def imagenet_resnet(name: str) -> tuple[nn.Module, int]:
+    """torchvision's ResNet as its ImageNet weights expect it (7x7 stem, max-pool), classifier removed."""
+    net = getattr(torchvision.models, name)(weights=None)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def vit(name: str, image_size: int) -> tuple[nn.Module, int]:
+    """torchvision's VisionTransformer of ``name``'s shape at ``image_size`` (a multiple of the patch),
+    classifier removed: the class token after the final LayerNorm."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    shape = VIT_SHAPES[name]
+    if image_size % shape["patch_size"]:
+        raise ValueError(f"{name}: image size {image_size} is not a multiple of its {shape['patch_size']}-pixel patches")
+    net = VisionTransformer(image_size=image_size, **shape)
+    net.heads = nn.Identity()
+    return net, shape["hidden_dim"]
+
+
 def build_backbone(
-    name: str, in_channels: int = 3, cifar_stem: bool = True, input_dim: int | None = None
+    name: str, in_channels: int = 3, cifar_stem: bool = True, input_dim: int | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, int]:
     """(module, feature_dim): a backbone mapping a batch to (N, feature_dim) features."""
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, cifar_stem)
+    if name in VIT_SHAPES:
+        net, dim = vit(name, image_size or 224)
+        return (nn.Sequential(ThreeChannels(), net) if in_channels == 1 else net), dim
     if name == "small_cnn":
         return _small_cnn(in_channels)
     if name == "mlp":

@@ -113,5 +113,6 @@ def build_byol(arch: dict) -> BYOL:
         in_channels=arch["in_channels"] or 3,
         cifar_stem=arch["cifar_stem"],
         input_dim=arch["input_dim"] or None,
+        image_size=arch.get("image_size") or None,
     )
     return BYOL(backbone, feature_dim, hidden_dim=arch["proj_hidden"], proj_dim=arch["proj_dim"])
