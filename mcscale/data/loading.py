@@ -10,7 +10,9 @@ import torch
 
 from mcscale import config as config_mod
 from mcscale.data.sources import load_source, long_tail
+from mcscale.data.augment import Normalizer
 from mcscale.data.views import InMemoryViews
+from mcscale.models.pretrained import preprocessing
 
 
 @dataclass
@@ -52,5 +54,12 @@ def load_views(cfg: config_mod.Config, device: torch.device, batch_size: int | N
         counts = np.bincount(source.labels[source.labels >= 0], minlength=source.num_classes).tolist()
     else:
         subset, counts = long_tail(source, d.imbalance_ratio, d.n_max)
-    views = InMemoryViews(subset, cfg.augment, device, d.image_size)
+    size, norm = (None, None)
+    if subset.kind == "image":  # the encoder's own preprocessing (pretrained weights: 224 px, ImageNet mean / std)
+        size, norm = preprocessing(cfg.model.backbone, cfg.model.weights, d.image_size, subset.images.shape[-1])
+    if norm is None:
+        return subset, counts, InMemoryViews(subset, cfg.augment, device, size)
+    # fixed statistics: nothing to fit (fitting at the stored size skips a 224 px copy of the whole set)
+    views = InMemoryViews(subset, cfg.augment, device)
+    views.image_size, views.normalizer = size, Normalizer(*norm)
     return subset, counts, views

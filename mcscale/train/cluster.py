@@ -23,9 +23,9 @@ from mcscale.train.evaluate import (
     predict,
 )
 from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
+from mcscale.train.encoders import open_encoder
 from mcscale.train.run_folder import (
     RunLogger,
-    load_encoder,
     open_run_folder,
     prediction_arrays,
     restore_on_all_ranks,
@@ -79,7 +79,7 @@ def step_loss(model: ClusterModel, method, batch, step: int):
 
 def run_cluster(
     cfg: Config,
-    encoder_dir: str | Path,
+    encoder_dir: str | Path | None,
     out_dir: str | Path,
     resume: bool = False,
     force_cpu: bool = False,
@@ -93,7 +93,9 @@ def run_cluster(
     out = open_run_folder(par, out_dir, resume, overwrite)
     try:
         labels = subset.labels
-        encoder, arch = load_encoder(encoder_dir, device)
+        # encoder_dir None: the config's encoder (identity, or model.weights); identity's features are
+        # the input's, so the K-means that initialises the heads is the raw-input K-means
+        encoder, arch = open_encoder(cfg, encoder_dir, views, device)
         model = build_cluster_model(cfg, encoder, arch, device, k)
         share_model(model, par, cfg)
         identity = _identity(cfg, k, arch)
@@ -107,7 +109,8 @@ def run_cluster(
         state = restore_on_all_ranks(par, out, components, "identity", identity, resume_from, sharded) if resume else None
         # written only once the checkpoint (if any) is known to match: a refused resume changes nothing
         if par.is_main:
-            write_config(out, cfg, {"stage": "cluster", "encoder": str(Path(encoder_dir).resolve()), "num_clusters": k,
+            encoder_name = str(Path(encoder_dir).resolve()) if encoder_dir else f"config: {arch['backbone']}"
+            write_config(out, cfg, {"stage": "cluster", "encoder": encoder_name, "num_clusters": k,
                                     "num_samples": len(views), "class_counts": class_counts,
                                     "world_size": par.world_size})
         if state:

@@ -23,9 +23,10 @@ from mcscale.metrics import (
     per_class_accuracy,
     spearman,
 )
-from mcscale.models.byol import build_byol
+from mcscale.models.backbones import INPUT_SIDE, flatten_input  # noqa: F401 (INPUT_SIDE: documented here)
 from mcscale.models.heads import ClusterModel
 from mcscale.parallel import Parallel, all_gather_cat, pick_device
+from mcscale.train.encoders import rebuild_encoder
 from mcscale.train.run_folder import (
     check_compatible,
     latest_checkpoint,
@@ -83,18 +84,13 @@ def predict(model, views, parallel=None) -> dict:
     return {"target": assignments[:, 0], "aux": assignments[:, 1], "features": features}
 
 
-INPUT_SIDE = 32  # images larger than this per side are average-pooled for the input baseline
-
-
 def input_features(views, parallel=None) -> torch.Tensor:
     """The clean view of every sample flattened, as the network sees it (normalised pixels, or the
     embeddings themselves): what the raw-input K-means baseline clusters. Images larger than
     INPUT_SIDE pixels a side are average-pooled to it first (224 px ImageNet images would need
-    150k dimensions a sample)."""
+    150k dimensions a sample): ``flatten_input``, which is also the identity backbone."""
     def flat(x):
-        if x.dim() == 4 and max(x.shape[-2:]) > INPUT_SIDE:  # large images: K-means on a pooled copy
-            x = torch.nn.functional.adaptive_avg_pool2d(x, [min(side, INPUT_SIDE) for side in x.shape[-2:]])
-        return torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), x.flatten(1).float()
+        return torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), flatten_input(x)
 
     return _clean_pass(views, parallel, flat)[1]
 
@@ -145,7 +141,8 @@ def _identity(cfg: Config, k: int, arch: dict) -> dict:
     """What a checkpoint must agree on to be resumed or evaluated by this config."""
     cosine = METHODS[cfg.cluster.method].cosine_head(cfg)
     return {"num_clusters": k, "num_aux": cfg.cluster.num_aux, "backbone": arch["backbone"],
-            "method": cfg.cluster.method, "cosine_head": cosine}
+            "method": cfg.cluster.method, "cosine_head": cosine, "adapter": arch.get("adapter", "none"),
+            "trainable": arch.get("trainable", "all")}
 
 
 def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with_predictions: bool = False,
@@ -163,7 +160,8 @@ def evaluate_model(model, views, labels, class_counts, cfg: Config, k: int, with
 
 def build_cluster_model(cfg: Config, encoder: torch.nn.Module, arch: dict, device, k: int) -> ClusterModel:
     cosine = METHODS[cfg.cluster.method].cosine_scale(cfg)
-    return ClusterModel(encoder, arch["proj_dim"], k, cfg.cluster.num_aux, cosine_scale=cosine).to(device)
+    dim = arch.get("feature_dim") or arch["proj_dim"]  # BYOL encoders written before feature_dim: the projection
+    return ClusterModel(encoder, dim, k, cfg.cluster.num_aux, cosine_scale=cosine).to(device)
 
 
 @dataclass
@@ -192,7 +190,7 @@ def load_cluster_run(run_dir: str | Path, force_cpu: bool = False, par: Parallel
     subset, class_counts, views = load_views(cfg, device, cfg.cluster.batch_size, par)
     k = extra["num_clusters"]
     arch = state["architecture"]
-    model = build_cluster_model(cfg, build_byol(arch).encoder(), arch, device, k)
+    model = build_cluster_model(cfg, rebuild_encoder(arch), arch, device, k)
     check_compatible(state["identity"], _identity(cfg, k, arch), path)
     load_weights(model, state["model"], path)
     return LoadedRun(cfg, state, model, subset, class_counts, views, k)
