@@ -98,7 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="K-means head init, then MiniClustering / MaxiClustering / self-labelling /"
                        " P2OT training (cluster.method)")
     _add_run_options(p, "cluster")
-    p.add_argument("--encoder", required=True, help="folder written by `mcscale pretrain`")
+    p.add_argument("--encoder", help="folder written by `mcscale pretrain`; without it the encoder comes from the"
+                   " config (model.backbone=identity, or model.weights=PATH of a pretrained backbone)")
+
+    p = sub.add_parser("embed", help="clean-view features of the data set through the encoder into"
+                       " OUT/features.npy + labels.npy (read back with data.source=embeddings)")
+    p.add_argument("--config", required=True, help="YAML file, or the name of one in configs/")
+    p.add_argument("--out", required=True, help="folder for features.npy and labels.npy (created if missing)")
+    p.add_argument("--encoder", help="folder written by `mcscale pretrain`; default: the config's encoder")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. model.weights=PATH")
 
     from mcscale.data.shards.prepare import add_parser as add_prepare_parser
 
@@ -175,6 +185,12 @@ def _dispatch(args) -> int:
         cfg = _config_from_args(args, stage)
         batch = getattr(cfg, stage).batch_size
         check_global_batch(batch, launched_world_size(), f"{stage}.batch_size", cfg.distributed.sync_batchnorm)
+        cfg.model.check_encoder_source(stage, getattr(args, "encoder", None) is not None)
+    elif args.command == "embed":
+        from mcscale.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        cfg.model.check_encoder_source("embed", args.encoder is not None)
     if args.command == "pretrain":
         from mcscale.train.pretrain import run_pretrain
 
@@ -190,6 +206,12 @@ def _dispatch(args) -> int:
 
             write_report(args.out, force_cpu=args.cpu)
         _print_metrics(f"clustering ({cfg.cluster.method}) written to {Path(args.out) / 'metrics.json'}", metrics)
+    elif args.command == "embed":
+        from mcscale.train.embed import run_embed
+
+        out = run_embed(cfg, args.encoder, args.out, force_cpu=args.cpu, batch_size=args.batch_size)
+        _say(f"features written to {out}; cluster them with data.source=embeddings data.root={out}"
+             " data.imbalance_ratio=null")
     elif args.command == "eval":
         args.run = args.run or args.run_dir
         if not args.run:
