@@ -129,6 +129,12 @@ def write_csv(path, fieldnames, rows: list[dict]) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue().encode())
 
 
+def pickle_refusal(err: pickle.UnpicklingError) -> str:
+    """What a weights-only load refused, from torch's message: the first Python object it names."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f"it refers to the Python object {found.group(1)}" if found else "it holds Python objects"
+
+
 def safe_torch_load(path: Path, map_location="cpu"):
     """Load a checkpoint without running code from it (weights_only), after checking it against its
     sha256 sidecar when there is one; refuse anything else clearly."""
@@ -141,9 +147,7 @@ def safe_torch_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"it refers to the Python object {found.group(1)}" if found else "it holds Python objects"
-        raise RunError(f"{path}: refused to load: {what}, and a checkpoint must hold only tensors and plain "
+        raise RunError(f"{path}: refused to load: {pickle_refusal(err)}, and a checkpoint must hold only tensors and plain "
                        "values (loading it could run code); use a checkpoint written by mcscale") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise RunError(f"{path}: unreadable or truncated checkpoint ({type(err).__name__}); delete it or resume from an older one") from None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mcscale.errors import RunError
+from mcscale.files import pickle_refusal
 from mcscale.models.backbones import (
     VIT_SHAPES,
     FlattenInput,
@@ -82,9 +83,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            found = re.search(r"GLOBAL ([\w.]+)", str(err))
-            what = f"it refers to the Python object {found.group(1)}" if found else "it holds Python objects"
-            raise RunError(f"model.weights: {path}: refused to load: {what} (loading it could run code); save the"
+            raise RunError(f"model.weights: {path}: refused to load: {pickle_refusal(err)} (loading it could run code); save the"
                            " state dict alone (torch.save(model.state_dict(), ...)) or as .safetensors") from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise RunError(f"model.weights: {path}: unreadable or truncated weights file ({type(err).__name__})") from None
