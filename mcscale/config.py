@@ -50,6 +50,18 @@ class AugmentConfig:
     grayscale_p: float = 0.2
     feature_dropout: float = 0.1
     feature_noise: float = 0.05
+    # policy: crop = random resized crop + flip + colour jitter + grayscale (natural images);
+    # affine = small grey images: random affine (zero padding) + jitter (brightness / contrast for one
+    # channel, with jitter_p) + random erasing + gaussian noise; crop_*, flip_p, grayscale_p unused
+    policy: Literal["crop", "affine"] = "crop"
+    rotate: float = 15.0  # affine: rotation U[-rotate, rotate] degrees
+    scale: typing.List[float] = field(default_factory=lambda: [0.8, 1.15])  # affine: zoom U[low, high]
+    shear: float = 10.0  # affine: x-shear U[-shear, shear] degrees
+    translate: float = 0.1  # affine: shift U[-t, t] x the side, each axis
+    erase_p: float = 0.5  # affine: random erasing (to 0, before normalisation) with this probability
+    erase_area: typing.List[float] = field(default_factory=lambda: [0.02, 0.15])  # of the view's area
+    noise_p: float = 0.5  # affine: additive gaussian noise with this probability
+    noise_sd: float = 0.1  # affine: its sd is U[0, noise_sd] per sample, in [0, 1] pixel units
 
 
 @dataclass
@@ -369,6 +381,15 @@ def validate(cfg: Config) -> None:
     for name in ("flip_p", "jitter_p", "grayscale_p"):
         _check(0 <= getattr(a, name) <= 1, f"augment.{name}: {getattr(a, name)} must be a probability")
     _check(0 <= a.feature_dropout < 1, f"augment.feature_dropout: {a.feature_dropout} must lie in [0, 1)")
+    for name in ("erase_p", "noise_p"):
+        _check(0 <= getattr(a, name) <= 1, f"augment.{name}: {getattr(a, name)} must be a probability")
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1], f"augment.scale: {a.scale} must be [low, high] with 0 < low <= high")
+    _check(len(a.erase_area) == 2 and 0 <= a.erase_area[0] <= a.erase_area[1] <= 1,
+           f"augment.erase_area: {a.erase_area} must be [low, high] with 0 <= low <= high <= 1")
+    _check(0 <= a.rotate <= 180 and 0 <= a.shear < 90 and 0 <= a.translate <= 1 and a.noise_sd >= 0,
+           f"augment: rotate {a.rotate} in [0, 180], shear {a.shear} in [0, 90), translate {a.translate} in [0, 1], noise_sd {a.noise_sd} >= 0")
+    _check(a.policy == "crop" or cfg.data.loader == "tensor",
+           f"augment.policy: {a.policy} runs on the tensor loader only (data.loader: {cfg.data.loader}); use augment.policy=crop with shards")
     p = cfg.p2ot
     _check(p.eps > 0, f"p2ot.eps: {p.eps} must be positive")
     _check(p.lam > 0, f"p2ot.lam: {p.lam} must be positive")

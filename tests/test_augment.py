@@ -297,3 +297,128 @@ def test_normalizer_fit_matches_torch_and_round_trips():
     assert isinstance(state["mean"], list) and isinstance(state["std"][0], float)
     again = Normalizer.from_state_dict(state)
     assert torch.equal(again(x), z)
+
+
+# ---------------------------------------------------------------- the affine policy (small grey images)
+from mcscale.data.augment import AffineDraws, apply_strong, draw_strong  # noqa: E402
+
+# No geometry change, no jitter, no erasing, no noise: the affine view must be the identity.
+AFFINE_PLAIN = dict(policy="affine", rotate=0.0, scale=(1.0, 1.0), shear=0.0, translate=0.0, jitter_p=0.0,
+                    erase_p=0.0, noise_p=0.0)
+
+
+def _affine_draws(n, c, size, **changes):
+    """Draws of the plain affine config with some fields replaced by hand."""
+    cfg = AugmentConfig(**AFFINE_PLAIN)
+    draws = draw_strong(n, size, size, c, cfg, _gen(0), "cpu", size)
+    assert isinstance(draws, AffineDraws)
+    for name, value in changes.items():
+        setattr(draws, name, value)
+    return draws, cfg
+
+
+@pytest.mark.parametrize("c,size", [(1, 8), (1, 16), (3, 8)])
+def test_affine_plain_config_is_identity(c, size):
+    x = _images(6, c, size)
+    out = strong_view(x, AugmentConfig(**AFFINE_PLAIN), size, _gen(1))
+    assert (out - x).abs().max().item() < 1e-5
+
+
+def test_affine_quarter_turn_is_rot90_and_shift_moves_whole_pixels():
+    x = _images(4, 1, 8)
+    draws, cfg = _affine_draws(4, 1, 8, angle=torch.full((4,), 90.0))
+    # counter-clockwise on screen, torchvision's convention (= torch.rot90 over (H, W))
+    assert (apply_strong(x, draws, cfg, 8) - torch.rot90(x, 1, (2, 3))).abs().max().item() < 1e-5
+    draws, cfg = _affine_draws(4, 1, 8, shift=torch.tensor([[0.25, 0.0]] * 4))  # 2 px to the right
+    out = apply_strong(x, draws, cfg, 8)
+    assert (out[..., 2:] - x[..., :-2]).abs().max().item() < 1e-5
+    assert out[..., :2].abs().max().item() == 0  # zero padding
+    draws, cfg = _affine_draws(4, 1, 8, shift=torch.tensor([[0.0, -0.125]] * 4))  # 1 px up
+    out = apply_strong(x, draws, cfg, 8)
+    assert (out[..., :-1, :] - x[..., 1:, :]).abs().max().item() < 1e-5
+
+
+def test_affine_zoom_and_shear_move_a_point_where_the_matrix_says():
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 3 * 2:3 * 2 + 2, 5 * 2:5 * 2 + 2] = 1.0  # a 2 x 2 block on a 16 x 16 image: centre (+3, -1) px
+    draws, cfg = _affine_draws(1, 1, 16, scale=torch.tensor([2.0]), shear=torch.tensor([45.0]))
+    out = apply_strong(x, draws, cfg, 16)
+    # forward map (shear then zoom): x' = 2 (x + tan(45) y) = 2 (3 - 1) = 4, y' = 2 y = -2 -> pixel centre (12, 6)
+    weights = out[0, 0]
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    centre = ((weights * xs).sum() / weights.sum(), (weights * ys).sum() / weights.sum())
+    # (the centroid of a bilinearly resampled block, so a tenth of a pixel of slack)
+    assert centre[0].item() == pytest.approx(7.5 + 4, abs=0.1)
+    assert centre[1].item() == pytest.approx(7.5 - 2, abs=0.1)
+
+
+def test_affine_erasing_sets_exactly_the_drawn_rectangle():
+    x = _images(3, 1, 16, low=0.2, high=1.0)
+    box = torch.tensor([[2, 3, 4, 5], [0, 0, 16, 1], [10, 11, 6, 5]])
+    draws, cfg = _affine_draws(3, 1, 16, erase=torch.tensor([True, True, False]), erase_box=box)
+    out = apply_strong(x, draws, cfg, 16)
+    expected = x.clone()
+    expected[0, :, 2:6, 3:8] = 0
+    expected[1, :, 0:16, 0:1] = 0
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_affine_erasing_boxes_stay_inside_and_cover_the_drawn_area():
+    cfg = AugmentConfig(**{**AFFINE_PLAIN, "erase_p": 1.0, "erase_area": (0.02, 0.15)})
+    draws = draw_strong(4000, 16, 16, 1, cfg, _gen(3), "cpu", 16)
+    top, left, h, w = draws.erase_box.unbind(1)
+    assert bool(draws.erase.all())
+    assert top.min() >= 0 and left.min() >= 0 and (top + h).max() <= 16 and (left + w).max() <= 16
+    area = (h * w).float() / 256
+    assert 0.01 < area.mean().item() < 0.12  # U(0.02, 0.15) mean 0.085, rounded sides
+    assert len(set(top.tolist())) > 8 and len(set(left.tolist())) > 8
+
+
+def test_affine_noise_has_the_drawn_sd():
+    n, size = 64, 28
+    x = torch.full((n, 1, size, size), 0.5)
+    cfg = AugmentConfig(**{**AFFINE_PLAIN, "noise_p": 0.5, "noise_sd": 0.1})
+    draws = draw_strong(n, size, size, 1, cfg, _gen(4), "cpu", size)
+    out = apply_strong(x, draws, cfg, size)
+    measured = (out - 0.5).flatten(1).std(dim=1)
+    sd = draws.noise_sd
+    assert (sd == 0).sum() > 10 and (sd > 0).sum() > 10  # p = 0.5
+    assert sd.max() <= 0.1
+    torch.testing.assert_close(measured, sd, atol=0.012, rtol=0.1)
+    assert measured[sd == 0].max() < 1e-6
+
+
+def test_affine_brightness_uses_jitter_on_one_channel():
+    x = _images(8, 1, 8, low=0.1, high=0.5)
+    cfg = AugmentConfig(**{**AFFINE_PLAIN, "jitter_p": 1.0, "jitter": (0.4, 0.0, 0.0, 0.0)})
+    draws = draw_strong(8, 8, 8, 1, cfg, _gen(5), "cpu", 8)
+    out = apply_strong(x, draws, cfg, 8)
+    torch.testing.assert_close(out, x * draws.jitter_factors[:, 0].view(-1, 1, 1, 1))
+
+
+def test_affine_views_are_deterministic_per_seed_and_vary_with_it():
+    cfg = AugmentConfig(policy="affine")
+    x = _images(16, 1, 8)
+    a, b = strong_view(x, cfg, 8, _gen(7)), strong_view(x, cfg, 8, _gen(7))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, strong_view(x, cfg, 8, _gen(8)))
+    assert not torch.equal(a[0], a[1])  # per-sample draws
+
+
+def test_affine_rank_rows_equal_single_process_rows():
+    from mcscale.config import load_config
+    from mcscale.data.loading import load_views
+
+    cfg = load_config("digits_lt", ["augment.policy=affine", "augment.erase_p=1", "augment.noise_p=1"])
+    _, _, views = load_views(cfg, torch.device("cpu"))
+    whole = views.two_views(5, 7, 96)
+    parts = [views.two_views(5, 7, 96, rank=r, world_size=3) for r in range(3)]
+    for field in ("x1", "x2", "index"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field)), field
+
+
+def test_affine_policy_refused_on_sharded_loaders():
+    from mcscale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="augment.policy"):
+        load_config("digits_lt", ["augment.policy=affine", "data.loader=webdataset", "data.shards=/nowhere"])

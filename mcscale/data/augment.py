@@ -3,7 +3,9 @@
 The BYOL strong view (random resized crop, horizontal flip, colour jitter, random grayscale) is done
 for a whole batch at once on the batch's device: every crop + flip becomes one affine matrix and the
 batch is resampled by a single ``grid_sample``; the colour operations are element-wise tensor maths
-with one random factor per sample. Embeddings get a feature-space twin (dropout + gaussian noise).
+with one random factor per sample. Embeddings get a feature-space twin (dropout + gaussian noise). ``augment.policy: affine`` swaps the
+crop / flip for a random affine transform (rotation, zoom, shear, shift, zero padding) and adds random
+erasing and gaussian noise: the policy for small grey images (digits), where a crop cuts the digit.
 
 All randomness comes from the ``generator`` argument, so a batch's augmentation is a pure function of
 the generator's seed (the tensor loader derives one per step for exact resumes).
@@ -26,6 +28,8 @@ __all__ = [
     "to_float",
     "strong_view",
     "StrongDraws",
+    "AffineDraws",
+    "affine_matrices",
     "draw_strong",
     "apply_strong",
     "clean_view",
@@ -263,8 +267,12 @@ class StrongDraws:
 
 
 def draw_strong(n: int, height: int, width: int, channels: int, cfg: AugmentConfig,
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> StrongDraws:
-    """The random choices of ``strong_view`` for a batch of n images of the given size."""
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                out_size: int | None = None) -> "StrongDraws | AffineDraws":
+    """The random choices of ``strong_view`` for a batch of n images of the given size (``out_size``:
+    the view's side, default max(height, width); the affine policy's noise and erasing are drawn at it)."""
+    if cfg.policy == "affine":
+        return draw_affine(n, height, width, channels, cfg, generator, device, out_size or max(height, width))
     boxes = sample_crop_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
     flip = torch.rand(n, generator=generator, device=device) < cfg.flip_p
     apply = torch.rand(n, generator=generator, device=device) < cfg.jitter_p
@@ -283,9 +291,11 @@ def _check_images(images: Tensor) -> None:
         )
 
 
-def apply_strong(images: Tensor, draws: StrongDraws, cfg: AugmentConfig, out_size: int) -> Tensor:
+def apply_strong(images: Tensor, draws: "StrongDraws | AffineDraws", cfg: AugmentConfig, out_size: int) -> Tensor:
     """The strong view of ``images`` with the given draws (one row per image)."""
     _check_images(images)
+    if isinstance(draws, AffineDraws):
+        return apply_affine(images, draws, cfg, out_size)
     x = _crop_flip_resample(images, draws.boxes, draws.flip, out_size)
     ops = _jitter_ops(images.shape[1], cfg)
     if ops:
@@ -300,13 +310,124 @@ def strong_view(
 ) -> Tensor:
     """BYOL strong augmentation of a float (N, C, H, W) batch in [0, 1], C = 1 or 3.
 
+    ``cfg.policy`` crop (default):
     random resized crop + horizontal flip (one grid_sample) -> colour jitter (p = jitter_p, random
     order per sample) -> random grayscale (p = grayscale_p, RGB only) -> clamp to [0, 1].
+    ``cfg.policy`` affine: see ``apply_affine``.
     Output (N, C, out_size, out_size), same dtype. ``generator`` must live on the images' device.
     """
     _check_images(images)
     n, channels, height, width = images.shape
-    return apply_strong(images, draw_strong(n, height, width, channels, cfg, generator, images.device), cfg, out_size)
+    draws = draw_strong(n, height, width, channels, cfg, generator, images.device, out_size)
+    return apply_strong(images, draws, cfg, out_size)
+
+
+# ---------------------------------------------------------------- the affine policy (small grey images)
+@dataclass
+class AffineDraws:
+    """Every random choice of an affine-policy view for N samples (see ``StrongDraws``: a rank draws
+    those of the global batch and applies its rows). The noise is drawn whole (N, C, S, S) at the
+    view's side S: a few hundred numbers a sample for the small images this policy is for."""
+
+    angle: Tensor  # (N,) degrees, counter-clockwise
+    scale: Tensor  # (N,) zoom factor
+    shear: Tensor  # (N,) x-shear, degrees
+    shift: Tensor  # (N, 2) translation (x, y) as a fraction of the side
+    jitter_apply: Tensor  # (N,) bool
+    jitter_factors: Tensor  # (N, 4)
+    jitter_order: Tensor | None  # (N, number of colour operations in use), None when none is
+    erase: Tensor  # (N,) bool
+    erase_box: Tensor  # (N, 4) long: top, left, height, width in output pixels
+    noise_sd: Tensor  # (N,) sd of the added noise, 0 for samples without noise
+    noise: Tensor | None  # (N, C, S, S) standard normal, None when noise_p = 0
+
+    def rows(self, selection: slice) -> "AffineDraws":
+        def pick(t):
+            return None if t is None else t[selection]
+
+        return AffineDraws(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def _erase_boxes(n: int, size: int, area: tuple[float, float], generator, device) -> Tensor:
+    """(N, 4) long boxes (top, left, height, width) inside a size x size view: area fraction ~ U(area),
+    aspect ratio log-uniform in [0.3, 3.3] (RandomErasing's default), sides clamped into [1, size],
+    position uniform over the admissible range."""
+    frac = _uniform(n, area[0], area[1], generator, device) * (size * size)
+    aspect = torch.exp(_uniform(n, math.log(0.3), math.log(3.3), generator, device))
+    h = torch.sqrt(frac * aspect).round().clamp(1, size)
+    w = torch.sqrt(frac / aspect).round().clamp(1, size)
+    position = _uniform((n, 2), 0.0, 1.0, generator, device)
+    top = torch.floor(position[:, 0] * (size - h + 1)).clamp(max=size - h)
+    left = torch.floor(position[:, 1] * (size - w + 1)).clamp(max=size - w)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def draw_affine(n: int, height: int, width: int, channels: int, cfg: AugmentConfig,
+                generator: torch.Generator | None, device, out_size: int) -> AffineDraws:
+    """The random choices of the affine policy for a batch of n images, views of side ``out_size``."""
+    angle = _uniform(n, -cfg.rotate, cfg.rotate, generator, device)
+    scale = _uniform(n, cfg.scale[0], cfg.scale[1], generator, device)
+    shear = _uniform(n, -cfg.shear, cfg.shear, generator, device)
+    shift = _uniform((n, 2), -cfg.translate, cfg.translate, generator, device)
+    apply = torch.rand(n, generator=generator, device=device) < cfg.jitter_p
+    factors = _jitter_factors(n, cfg.jitter, generator, device)
+    ops = _jitter_ops(channels, cfg)
+    order = torch.argsort(torch.rand(n, len(ops), generator=generator, device=device), dim=1) if ops else None
+    erase = torch.rand(n, generator=generator, device=device) < cfg.erase_p
+    box = _erase_boxes(n, out_size, cfg.erase_area, generator, device)
+    noisy = torch.rand(n, generator=generator, device=device) < cfg.noise_p
+    sd = _uniform(n, 0.0, cfg.noise_sd, generator, device) * noisy
+    noise = (torch.randn(n, channels, out_size, out_size, generator=generator, device=device)
+             if cfg.noise_p > 0 else None)
+    return AffineDraws(angle, scale, shear, shift, apply, factors, order, erase, box, sd, noise)
+
+
+def affine_matrices(angle: Tensor, scale: Tensor, shear: Tensor, shift: Tensor, height: int, width: int) -> Tensor:
+    """(N, 2, 3) ``affine_grid`` matrices of the forward map x -> R(angle) Shear_x(shear) (scale x) + shift
+    about the image centre (torchvision's RandomAffine, angles in degrees, counter-clockwise on screen;
+    shift in fractions of the side). grid_sample wants the inverse map (output -> input position) in
+    normalised coordinates; it is taken in pixel units, D^-1 A^-1 D with D = diag(W / 2, H / 2), so a
+    rotation stays a rotation on non-square images."""
+    a = torch.deg2rad(angle.double())
+    s = torch.tan(torch.deg2rad(shear.double()))
+    cos, sin = torch.cos(a), torch.sin(a)
+    # y grows downwards on screen, so a counter-clockwise rotation is [[cos, sin], [-sin, cos]]
+    rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    shr = torch.zeros_like(rot)
+    shr[:, 0, 0], shr[:, 0, 1], shr[:, 1, 1] = 1.0, s, 1.0
+    forward = rot @ shr * scale.double().view(-1, 1, 1)
+    d = torch.tensor([width / 2.0, height / 2.0], dtype=torch.float64, device=angle.device)
+    inverse = torch.linalg.inv(forward)
+    inverse = inverse * d.view(1, 1, 2) / d.view(1, 2, 1)  # D^-1 A^-1 D
+    t = shift.double() * 2.0  # fraction of the side -> normalised units (the side spans 2)
+    offset = -(inverse @ t.unsqueeze(-1)).squeeze(-1)
+    return torch.cat([inverse, offset.unsqueeze(-1)], dim=2)
+
+
+def apply_affine(images: Tensor, draws: AffineDraws, cfg: AugmentConfig, out_size: int) -> Tensor:
+    """The affine-policy view: random affine resampled to out_size x out_size in one bilinear
+    grid_sample, zeros outside the image -> jitter (p = jitter_p; brightness / contrast on one channel)
+    -> clamp to [0, 1] -> erasing (the drawn rectangle set to 0, p = erase_p) -> gaussian noise with the
+    drawn sd (not clamped: a clamp would shrink it on the black background)."""
+    _check_images(images)
+    n, c, height, width = images.shape
+    theta = affine_matrices(draws.angle, draws.scale, draws.shear, draws.shift, height, width).to(images.dtype)
+    grid = F.affine_grid(theta, [n, c, out_size, out_size], align_corners=False)
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ops = _jitter_ops(c, cfg)
+    if ops:
+        x = _color_jitter(x, ops, draws)
+    x = x.clamp_(0, 1)
+    if bool(draws.erase.any()):
+        top, left, h, w = (v.view(-1, 1) for v in draws.erase_box.unbind(1))
+        span = torch.arange(out_size, device=x.device).view(1, -1)
+        rows = (span >= top) & (span < top + h)
+        cols = (span >= left) & (span < left + w)
+        mask = rows.unsqueeze(2) & cols.unsqueeze(1) & draws.erase.view(-1, 1, 1)
+        x = x.masked_fill(mask.unsqueeze(1), 0.0)
+    if draws.noise is not None:
+        x = x + draws.noise.to(x.dtype) * _per_sample(draws.noise_sd, x)
+    return x
 
 
 def clean_view(images: Tensor, out_size: int) -> Tensor:

@@ -92,7 +92,8 @@ class InMemoryViews:
             noisy = feature_view(self.data[index.to(self.device)], self.augment, self.feature_std, generator)[rows]
             return (noisy - self.feature_mean) / self.feature_std
         _, channels, height, width = self.data.shape
-        draws = draw_strong(index.shape[0], height, width, channels, self.augment, generator, self.device)
+        draws = draw_strong(index.shape[0], height, width, channels, self.augment, generator, self.device,
+                            self.image_size)
         batch = to_float(self.data[index[rows].to(self.device)])
         return self.normalizer(apply_strong(batch, draws.rows(rows), self.augment, self.image_size))
 
