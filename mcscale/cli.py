@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="one metrics table across clustering runs")
     p.add_argument("runs", nargs="+", metavar="DIR", help="folders written by `mcscale cluster`")
+
+    from mcscale.data.synth import add_parser as add_synth_parser
+    from mcscale.report.diagnose import add_parser as add_diagnose_parser
+
+    add_synth_parser(sub)
+    add_diagnose_parser(sub)
     return parser
 
 
@@ -230,6 +236,14 @@ def _dispatch(args) -> int:
         from mcscale.report.tables import compare_runs
 
         print(compare_runs(args.runs))
+    elif args.command == "synth":
+        from mcscale.data.synth import run as run_synth
+
+        return run_synth(args)
+    elif args.command == "diagnose":
+        from mcscale.report.diagnose import run as run_diagnose
+
+        return run_diagnose(args)
     elif args.command == "prepare":
         from mcscale.data.shards.prepare import run as run_prepare
 
