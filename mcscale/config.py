@@ -142,6 +142,7 @@ class ClusterConfig:
     kmeans_iters: int = 50
     kmeans_redo: int = 3  # K-means runs from different seeds; the best objective is kept
     eval_every: int = 100  # optimiser steps between evaluations (0: only at the end)
+    select: Literal["last", "best_unsupervised"] = "last"  # best_unsupervised: also keep RUN/best.pt, the evaluation the label-free criterion ranks first
     checkpoint_every: int = 200
 
 

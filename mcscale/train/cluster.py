@@ -24,6 +24,7 @@ from mcscale.train.evaluate import (
 )
 from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.encoders import open_encoder
+from mcscale.train.selection import Selector
 from mcscale.train.run_folder import (
     RunLogger,
     open_run_folder,
@@ -131,8 +132,19 @@ def run_cluster(
             COMM.reset()  # comm_bytes counts training steps only, not the gathers of an evaluation
             return result
 
+        selector = Selector(out, c.select, par, resumed=state is not None)
+
+        def judged(at_step: int):
+            """An evaluation plus the unsupervised criterion (train/selection.py; best.pt under
+            cluster.select: best_unsupervised, holding what `eval` needs, not the optimiser)."""
+            metrics_now, preds_now = evaluate(with_predictions=True)
+            selector.judge(at_step, metrics_now, preds_now, lambda: {
+                "step": at_step, "skipped": None, "identity": identity, "architecture": arch, **baselines,
+                "model": model.state_dict(), "method": method.state_dict()})
+            return metrics_now, preds_now
+
         if step == 0:
-            metrics0 = evaluate()
+            metrics0, _ = judged(0)
             if log:
                 log.eval(0, metrics0)
 
@@ -152,7 +164,7 @@ def run_cluster(
 
         def evaluate_on_schedule(at_step: int) -> None:
             if c.eval_every and at_step % c.eval_every == 0 and at_step < total:
-                metrics_now = evaluate()
+                metrics_now, _ = judged(at_step)
                 if log:
                     log.eval(at_step, metrics_now)
 
@@ -163,10 +175,10 @@ def run_cluster(
             saved_step=state["step"] if state else None, log=log, forward=forward, save=checkpoint, out=out,
             max_nonfinite=cfg.max_nonfinite_steps, every_step=evaluate_on_schedule, skipped=skipped,
             counts_skips=True)
-        final, preds = evaluate(with_predictions=True)
+        final, preds = judged(step)
         final["skipped_batches"] = skipped
         final["steps"] = step
-        metrics = {**baselines, "final": final}
+        metrics = {**baselines, "final": final, "selection": selector.summary()}
         if log:
             log.eval(step, final)
             log.close()

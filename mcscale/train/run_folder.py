@@ -108,6 +108,22 @@ def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
     return path
 
 
+def save_best(run_dir: Path, state: dict) -> Path:
+    """``best.pt`` and its ``.sha256`` sidecar, replaced atomically (not a ckpt-*: never resumed from)."""
+    path = Path(run_dir) / BEST_CHECKPOINT
+    atomic_torch_save(path, state, checksum=True)
+    return path
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """best.json of a run (None when absent or unreadable: the best is then searched afresh)."""
+    path = Path(run_dir) / BEST_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def _remove_with_checksum(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
     checksum_path(path).unlink(missing_ok=True)
@@ -150,7 +166,9 @@ def chosen_checkpoint(run_dir: Path, value: str | Path) -> Path:
     return path
 
 
-RUN_FILES = ("log.jsonl", "metrics.json", "encoder.pt")
+BEST_CHECKPOINT = "best.pt"  # cluster.select: best_unsupervised
+BEST_FILE = "best.json"  # the step and criterion of the best evaluation so far (read back on resume)
+RUN_FILES = ("log.jsonl", "metrics.json", "encoder.pt", BEST_CHECKPOINT, BEST_FILE)
 
 
 def start_fresh(run_dir: Path, overwrite: bool = False) -> None:
