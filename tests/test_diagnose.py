@@ -99,3 +99,12 @@ def test_diagnose_a_real_run(tmp_path, capsys, report):
     expected = ownership_stats(preds["pred_target"], preds["pred_aux"], 4, 8, 0.3)
     assert d["ownership_heads_vs_cluster_size"]["ownership"] == expected["ownership"]
     assert d["delta"] == 0.3 and d["num_aux"] == 8
+
+
+def test_unlabelled_features_give_label_free_numbers_only():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8))
+    d = diagnose_arrays(x, np.full(200, -1), rng.integers(0, 4, 200), rng.integers(0, 8, 200), 4, 8, 0.3)
+    assert [p["purity"] for p in d["purity_vs_clusters"]] == [None, None, None]
+    assert "ownership_vs_class_size" not in d
+    assert -1 <= d["ownership_kmeans_vs_cluster_size"]["spearman"] <= 1
