@@ -422,3 +422,9 @@ def test_affine_policy_refused_on_sharded_loaders():
 
     with pytest.raises(ConfigError, match="augment.policy"):
         load_config("digits_lt", ["augment.policy=affine", "data.loader=webdataset", "data.shards=/nowhere"])
+
+
+def test_affine_plain_view_of_a_larger_image_is_the_clean_view():
+    x = _images(4, 1, 28)
+    out = strong_view(x, AugmentConfig(**AFFINE_PLAIN), 8, _gen(1))
+    assert (out - clean_view(x, 8)).abs().max().item() < 1e-5

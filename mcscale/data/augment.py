@@ -405,11 +405,13 @@ def affine_matrices(angle: Tensor, scale: Tensor, shear: Tensor, shift: Tensor, 
 
 
 def apply_affine(images: Tensor, draws: AffineDraws, cfg: AugmentConfig, out_size: int) -> Tensor:
-    """The affine-policy view: random affine resampled to out_size x out_size in one bilinear
-    grid_sample, zeros outside the image -> jitter (p = jitter_p; brightness / contrast on one channel)
+    """The affine-policy view: (images larger than out_size first resized as the clean view is) random
+    affine resampled to out_size x out_size in one bilinear grid_sample, zeros outside the image -> jitter (p = jitter_p; brightness / contrast on one channel)
     -> clamp to [0, 1] -> erasing (the drawn rectangle set to 0, p = erase_p) -> gaussian noise with the
     drawn sd (not clamped: a clamp would shrink it on the black background)."""
     _check_images(images)
+    if max(images.shape[-2:]) > out_size:  # shrink first, antialiased (the clean view's resize): a
+        images = clean_view(images, out_size)  # bilinear grid_sample alone would alias thin strokes away
     n, c, height, width = images.shape
     theta = affine_matrices(draws.angle, draws.scale, draws.shear, draws.shift, height, width).to(images.dtype)
     grid = F.affine_grid(theta, [n, c, out_size, out_size], align_corners=False)
