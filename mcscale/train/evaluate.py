@@ -95,6 +95,20 @@ def input_features(views, parallel=None) -> torch.Tensor:
     return _clean_pass(views, parallel, flat)[1]
 
 
+@torch.no_grad()
+def encoder_features(encoder: torch.nn.Module, views, parallel=None) -> torch.Tensor:
+    """The encoder's features of every sample's clean view, in eval mode (the whole set on every rank)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        def feats(x):
+            f = encoder(x)
+            return torch.zeros(f.shape[0], 0, dtype=torch.long, device=f.device), f
+        return _clean_pass(views, parallel, feats)[1]
+    finally:
+        encoder.train(was_training)
+
+
 def _input_baseline(state: dict) -> dict:
     """{"input_kmeans": ...} from a checkpoint ({} for one written before the baseline existed)."""
     return {"input_kmeans": state["input_kmeans"]} if "input_kmeans" in state else {}

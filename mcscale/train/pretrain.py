@@ -6,12 +6,15 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mcscale.config import Config
 from mcscale.files import atomic_torch_save
 from mcscale.models.byol import build_byol, byol_momentum
+from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import all_reduce_sum
+from mcscale.train.evaluate import encoder_features, full_metrics, input_features
 from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.run_folder import (
     ENCODER_FILE,
@@ -43,6 +46,39 @@ def architecture(cfg: Config, views) -> dict:
         "proj_dim": cfg.model.proj_dim,
         "image_size": views.image_size or 0,
     }
+
+
+INPUT_CHECK_MAX = 50_000  # the end-of-stage comparison is skipped on larger sets (the cluster stage has it)
+
+
+def encoder_vs_input(cfg: Config, encoder: torch.nn.Module, views, labels, class_counts, par) -> dict | None:
+    """Encoder + K-means against K-means on the input, the cluster stage's two baselines (same spherical
+    K-means: K, seed, iterations, restarts, backend), on the clean view of a labelled set of at most
+    INPUT_CHECK_MAX samples; None when skipped. Collective (every rank passes its share); the K-means
+    runs and the result is returned on rank 0 only (None elsewhere)."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() < 0 or labels.size > INPUT_CHECK_MAX:
+        return None
+    c = cfg.cluster
+    k = c.num_clusters or len(class_counts)
+    features = {"kmeans": encoder_features(encoder, views, par), "input_kmeans": input_features(views, par)}
+    if not par.is_main:
+        return None
+    result = {}
+    for name, f in features.items():
+        _, assign = spherical_kmeans(f, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+        result[name] = full_metrics(labels, assign.cpu().numpy(), class_counts)
+    return result
+
+
+def input_check_line(check: dict) -> str:
+    """One line: does encoder + K-means beat K-means on the input (ACC and CAA, percentages)?"""
+    enc, raw = check["kmeans"], check["input_kmeans"]
+    acc, caa = enc["acc"] >= raw["acc"], enc["caa"] >= raw["caa"]
+    verdict = "better" if acc and caa else "worse" if not (acc or caa) else (
+        f"mixed (ACC {'better' if acc else 'worse'}, CAA {'better' if caa else 'worse'})")
+    return (f"mcscale: encoder + K-means ACC {100 * enc['acc']:.1f} / CAA {100 * enc['caa']:.1f} vs K-means on "
+            f"the input {100 * raw['acc']:.1f} / {100 * raw['caa']:.1f}: {verdict}")
 
 
 def run_pretrain(
@@ -100,10 +136,13 @@ def run_pretrain(
             model=byol, optimizer=optimizer, schedule=Schedule(total, per_epoch, p.checkpoint_every), step=step,
             saved_step=state["step"] if state else None, log=log, forward=forward, save=checkpoint, out=out,
             max_nonfinite=cfg.max_nonfinite_steps, after_step=schedules)
+        check = encoder_vs_input(cfg, byol.encoder(), views, subset.labels, counts, par)
         if not par.is_main:
             par.barrier()
             return out / ENCODER_FILE
         log.close()
+        if check is not None:
+            print(input_check_line(check), flush=True)
         encoder = byol.encoder().cpu()
         atomic_torch_save(out / ENCODER_FILE, {"architecture": arch, "encoder": encoder.state_dict(), "steps": step},
                           checksum=True)
