@@ -144,6 +144,7 @@ class ClusterConfig:
     eval_every: int = 100  # optimiser steps between evaluations (0: only at the end)
     select: Literal["last", "best_unsupervised"] = "last"  # best_unsupervised: also keep RUN/best.pt, the evaluation the label-free criterion ranks first
     checkpoint_every: int = 200
+    bn_recalibrate: bool = False  # re-estimate BatchNorm statistics on the clean view before each evaluation
 
 
 @dataclass
@@ -389,6 +390,8 @@ def validate(cfg: Config) -> None:
            f"augment.erase_area: {a.erase_area} must be [low, high] with 0 <= low <= high <= 1")
     _check(0 <= a.rotate <= 180 and 0 <= a.shear < 90 and 0 <= a.translate <= 1 and a.noise_sd >= 0,
            f"augment: rotate {a.rotate} in [0, 180], shear {a.shear} in [0, 90), translate {a.translate} in [0, 1], noise_sd {a.noise_sd} >= 0")
+    _check(not c.bn_recalibrate or cfg.data.loader == "tensor",
+           f"cluster.bn_recalibrate: runs on the tensor loader only (data.loader: {cfg.data.loader})")
     _check(a.policy == "crop" or cfg.data.loader == "tensor",
            f"augment.policy: {a.policy} runs on the tensor loader only (data.loader: {cfg.data.loader}); use augment.policy=crop with shards")
     p = cfg.p2ot

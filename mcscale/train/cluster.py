@@ -21,6 +21,7 @@ from mcscale.train.evaluate import (
     evaluate_model,
     full_metrics,
     predict,
+    recalibrate_batchnorm,
 )
 from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.encoders import open_encoder
@@ -118,6 +119,8 @@ def run_cluster(
             step, skipped, kmeans_metrics = state["step"], state["skipped"], state["kmeans"]
             baselines = {"kmeans": kmeans_metrics, **_input_baseline(state)}
         else:
+            if c.bn_recalibrate:  # the K-means features with clean-view statistics too
+                recalibrate_batchnorm(model, views, model.features)
             baseline = _init_heads(model, views, cfg, k, par)
             kmeans_metrics = full_metrics(labels, baseline, class_counts)
             input_assign = _input_kmeans(views, cfg, k, par)
@@ -128,6 +131,8 @@ def run_cluster(
         log = RunLogger(out, step, cfg.logging.tensorboard, resumed=state is not None) if par.is_main else None
 
         def evaluate(**kwargs):
+            if c.bn_recalibrate:  # training-mode passes on augmented views moved the running statistics
+                recalibrate_batchnorm(model, views, model.features)
             result = evaluate_model(model, views, labels, class_counts, cfg, k, par=par, **kwargs)
             COMM.reset()  # comm_bytes counts training steps only, not the gathers of an evaluation
             return result

@@ -109,6 +109,32 @@ def encoder_features(encoder: torch.nn.Module, views, parallel=None) -> torch.Te
         encoder.train(was_training)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(module: torch.nn.Module, views, forward=None) -> int:
+    """Re-estimate the running statistics of every BatchNorm in ``module`` on the clean view: statistics
+    reset, then one train-mode pass over the whole set (equal-weight average over its batches, as
+    precise-BN); momentum and mode restored. ``forward(x)`` runs the part holding the BatchNorms
+    (default: ``module`` itself). Every rank passes the whole in-memory set in the same batches, so a
+    global BatchNorm's collectives stay in step. Returns the number of layers re-estimated."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = module.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches of the pass
+    module.train()
+    try:
+        for _, x in views.clean_batches():
+            (forward or module)(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    return len(layers)
+
+
 def _input_baseline(state: dict) -> dict:
     """{"input_kmeans": ...} from a checkpoint ({} for one written before the baseline existed)."""
     return {"input_kmeans": state["input_kmeans"]} if "input_kmeans" in state else {}
