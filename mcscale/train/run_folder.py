@@ -261,9 +261,13 @@ def _sign_lock(out: Path) -> None:
 
 
 def unlock_run_folder(out: Path) -> None:
-    """Release this process's lock on ``out`` (a no-op where it holds none, e.g. on ranks other than 0)."""
+    """Release this process's lock on ``out`` (a no-op where it holds none, e.g. on ranks other than 0).
+    The holder line is cleared first, so a run that ends (or is refused) leaves the lock file as it found
+    it: empty. Only a process that dies holding the lock leaves its line, for the next holder to replace."""
     handle = _HELD_LOCKS.pop(str(Path(out).resolve()), None)
     if handle is not None:
+        handle.seek(0)
+        handle.truncate()
         handle.close()
 
 
