@@ -71,18 +71,6 @@ class ModelConfig:
     cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (not with model.weights: the weights' stem)
     proj_hidden: int = 4096
     proj_dim: int = 512
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int = 500
-    batch_size: int = 256
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    predictor_lr_mult: float = 10.0
-    warmup_epochs: int = 10
-    ema: float = 0.996  # base EMA momentum of the target network
     weights: typing.Optional[str] = None  # local weights file of resnet18 / resnet50 / vit_b_16 (.pt, .safetensors, DINO keys)
     trainable: Literal["all", "last_block", "none"] = "all"  # encoder parameters the clustering stage trains
     adapter: Literal["none", "residual_mlp"] = "none"  # residual MLP after the encoder, initialised to the identity map
@@ -110,6 +98,18 @@ class PretrainConfig:
             raise ConfigError(f"{stage}: no encoder: pass --encoder RUN (a `mcscale pretrain` folder), set"
                               " model.weights=PATH (with model.backbone resnet18, resnet50 or vit_b_16) or"
                               " model.backbone=identity")
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 500
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    predictor_lr_mult: float = 10.0
+    warmup_epochs: int = 10
+    ema: float = 0.996  # base EMA momentum of the target network
     ema_schedule: Literal["cosine", "constant"] = "cosine"  # cosine increase to 1 (BYOL) or constant
     checkpoint_every: int = 200  # optimiser steps
 
