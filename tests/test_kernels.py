@@ -329,7 +329,7 @@ def test_bench_run_writes_csv(tmp_path, monkeypatch, capsys):
         assert float(slow_row["median_ms"]) >= 30.0
         assert float(eager["speedup_vs_eager"]) == 1.0
         ratio = float(eager["median_ms"]) / float(slow_row["median_ms"])
-        assert float(slow_row["speedup_vs_eager"]) == pytest.approx(ratio, abs=0.011) and ratio < 1
+        assert float(slow_row["speedup_vs_eager"]) == pytest.approx(ratio, abs=0.011)  # no timing claim: load varies
         # a failing variant is a row with its error (first line) and no numbers
         assert failed["error"] == "RuntimeError: no kernel for this size"
         assert failed["median_ms"] == failed["loss"] == failed["speedup_vs_eager"] == ""

@@ -24,7 +24,7 @@ from _support import run_on_gloo_ranks
 from mcscale.cli import main
 
 WORLD = 2
-SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128",
+SMALL = ["model.proj_hidden=32", "augment.policy=crop", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128",
          "logging.report=false", "cluster.tau=0.2", "cluster.checkpoint_every=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -455,7 +455,7 @@ def test_sharded_loader_on_two_ranks(encoders, tmp_path, capsys):
     process is refused (its data position depends on the rank split)."""
     shards = tmp_path / "shards"
     assert main(["prepare", "--source", "digits", "--shard-size", "150", "--out", str(shards)]) == 0
-    data = ["data.loader=webdataset", f"data.shards={shards}", "data.num_workers=0"]
+    data = ["data.loader=webdataset", f"data.shards={shards}", "data.num_workers=0", "augment.policy=crop"]
     encoder = encoders[0]
     assert main(_cluster_args(encoder, tmp_path / "one", "--max-steps", "2", *data)) == 0
     _launch("torchrun", *_cluster_args(encoder, tmp_path / "two", "--max-steps", "2", *data))

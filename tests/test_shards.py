@@ -321,7 +321,7 @@ def test_cli_refuses_a_corrupt_shard_in_one_line(damaged, tmp_path, capsys):
     from mcscale.cli import main
 
     _flip_middle(damaged / "shard-000005.tar")
-    code = main(["pretrain", "--config", "digits_lt", "--cpu", "--batch-size", "128", "--max-steps", "1",
+    code = main(["pretrain", "--config", "digits_lt", "--cpu", "--batch-size", "128", "--max-steps", "1", "augment.policy=crop",
                  "--out", str(tmp_path / "run"), "model.proj_hidden=32", "model.proj_dim=16",
                  "logging.report=false", "data.loader=webdataset", f"data.shards={damaged}", "data.num_workers=0"])
     err = capsys.readouterr().err.strip().splitlines()
