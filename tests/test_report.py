@@ -24,7 +24,9 @@ from mcscale.train.evaluate import full_metrics
 from mcscale.train.run_folder import PREDICTION_ARRAYS, load_predictions, load_run
 from mcscale.train.tensorboard import ScalarWriter
 
-SMALL = ["model.proj_hidden=32", "augment.policy=crop", "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128"]
+# the crop settings these runs were measured with (digits_lt now pre-trains with the affine policy)
+CROP = ["augment.policy=crop", "augment.crop_scale=[0.8,1.0]", "augment.flip_p=0.0", "augment.grayscale_p=0.0"]
+SMALL = ["model.proj_hidden=32", *CROP, "model.proj_dim=16", "cluster.eval_every=2", "cluster.batch_size=128"]
 PRETRAIN = ["--config", "digits_lt", "--cpu", "--batch-size", "128", *SMALL]
 FIGURES = ("confusion", "per_class", "weights", "training", "evals", "embedding")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
