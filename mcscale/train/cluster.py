@@ -11,9 +11,9 @@ from mcscale.config import Config, check_against_data
 from mcscale.files import atomic_write_json
 from mcscale.methods.base import build_method
 from mcscale.models.heads import ClusterModel
-from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import COMM, Parallel
 from mcscale.train.evaluate import (
+    baseline_kmeans,
     _input_baseline,
     input_features,
     _identity,
@@ -46,9 +46,8 @@ def _init_heads(model: ClusterModel, views, cfg: Config, k: int, par: Parallel) 
     c = cfg.cluster
     dim, n = features.shape[1], features.shape[0]
     if par.is_main:
-        centers_t, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
-        centers_m, _ = spherical_kmeans(features, c.num_aux, c.kmeans_iters, cfg.seed + 1, c.kmeans_backend,
-                                        c.kmeans_redo)
+        centers_t, assign = baseline_kmeans(features, k, cfg)
+        centers_m, _ = baseline_kmeans(features, c.num_aux, cfg, seed_offset=1)
         shared = [centers_t.float(), centers_m.float(), assign.long()]
     else:
         shared = [torch.zeros(k, dim), torch.zeros(c.num_aux, dim), torch.zeros(n, dtype=torch.long)]
@@ -61,9 +60,8 @@ def _input_kmeans(views, cfg: Config, k: int, par: Parallel):
     """The raw-input baseline: the same spherical K-means as the encoder baseline (K, seed, iterations,
     restarts, backend) on the flattened clean view, on rank 0; its assignment is broadcast."""
     features = input_features(views, par)
-    c = cfg.cluster
     if par.is_main:
-        _, assign = spherical_kmeans(features, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+        _, assign = baseline_kmeans(features, k, cfg)
     else:
         assign = torch.zeros(features.shape[0], dtype=torch.long)
     return par.broadcast(assign.long().to(par.device)).cpu().numpy()

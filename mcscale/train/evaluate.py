@@ -25,6 +25,7 @@ from mcscale.metrics import (
 )
 from mcscale.models.backbones import INPUT_SIDE, flatten_input  # noqa: F401 (INPUT_SIDE: documented here)
 from mcscale.models.heads import ClusterModel
+from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import Parallel, all_gather_cat, pick_device
 from mcscale.train.encoders import rebuild_encoder
 from mcscale.train.run_folder import (
@@ -66,6 +67,23 @@ def _clean_pass(views, parallel, columns_and_features) -> tuple[torch.Tensor, to
     return ordered_columns, ordered_features
 
 
+def _features_pass(views, parallel, features_of) -> torch.Tensor:
+    """``features_of(x)`` of every sample's clean view, in dataset order (``_clean_pass`` without columns)."""
+    def no_columns(x):
+        f = features_of(x)
+        return torch.zeros(f.shape[0], 0, dtype=torch.long, device=f.device), f
+
+    return _clean_pass(views, parallel, no_columns)[1]
+
+
+def baseline_kmeans(features: torch.Tensor, k: int, cfg: Config, seed_offset: int = 0):
+    """The run's spherical K-means (cluster.kmeans_iters / kmeans_redo / kmeans_backend, seed + offset):
+    one call for the heads' initialisation and both baselines, so they cannot drift apart.
+    Returns (unit centres, assignment)."""
+    c = cfg.cluster
+    return spherical_kmeans(features, k, c.kmeans_iters, cfg.seed + seed_offset, c.kmeans_backend, c.kmeans_redo)
+
+
 @torch.no_grad()
 def predict(model, views, parallel=None) -> dict:
     """Target / auxiliary head assignments and encoder features of every sample, in dataset order
@@ -89,10 +107,7 @@ def input_features(views, parallel=None) -> torch.Tensor:
     embeddings themselves): what the raw-input K-means baseline clusters. Images larger than
     INPUT_SIDE pixels a side are average-pooled to it first (224 px ImageNet images would need
     150k dimensions a sample): ``flatten_input``, which is also the identity backbone."""
-    def flat(x):
-        return torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), flatten_input(x)
-
-    return _clean_pass(views, parallel, flat)[1]
+    return _features_pass(views, parallel, flatten_input)
 
 
 @torch.no_grad()
@@ -101,10 +116,7 @@ def encoder_features(encoder: torch.nn.Module, views, parallel=None) -> torch.Te
     was_training = encoder.training
     encoder.eval()
     try:
-        def feats(x):
-            f = encoder(x)
-            return torch.zeros(f.shape[0], 0, dtype=torch.long, device=f.device), f
-        return _clean_pass(views, parallel, feats)[1]
+        return _features_pass(views, parallel, encoder)
     finally:
         encoder.train(was_training)
 

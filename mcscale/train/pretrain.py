@@ -12,9 +12,8 @@ import torch
 from mcscale.config import Config
 from mcscale.files import atomic_torch_save
 from mcscale.models.byol import build_byol, byol_momentum
-from mcscale.models.kmeans import spherical_kmeans
 from mcscale.parallel import all_reduce_sum
-from mcscale.train.evaluate import encoder_features, full_metrics, input_features
+from mcscale.train.evaluate import baseline_kmeans, encoder_features, full_metrics, input_features
 from mcscale.train.loop import Schedule, StepResult, run_steps, share_model, start_stage
 from mcscale.train.run_folder import (
     ENCODER_FILE,
@@ -66,7 +65,7 @@ def encoder_vs_input(cfg: Config, encoder: torch.nn.Module, views, labels, class
         return None
     result = {}
     for name, f in features.items():
-        _, assign = spherical_kmeans(f, k, c.kmeans_iters, cfg.seed, c.kmeans_backend, c.kmeans_redo)
+        _, assign = baseline_kmeans(f, k, cfg)
         result[name] = full_metrics(labels, assign.cpu().numpy(), class_counts)
     return result
 
